@@ -1,0 +1,130 @@
+"""
+### Blueshift: start tracking re-consented customers
+
+Every day this DAG reads the customers who consented again during the day's window
+`[data_interval_start, data_interval_end)` from the warehouse (connection `warehouse_default`),
+validates and de-duplicates them, and calls Blueshift's `POST /api/v1/customers/unforget` once per
+customer (connection `blueshift_default`), in chunks mapped over `start_tracking`.
+
+`audit` writes one row per window and customer to the warehouse table
+`blueshift_start_tracking_audit` with its outcome: `succeeded`, `rejected`, `invalid`, `failed` or
+`dry_run`. The run fails when any customer ended `failed` or a chunk task did not finish.
+
+Params: `dry_run` (validate, chunk and audit without sending), `chunk_size` (customers per mapped
+task). Settings: `BLUESHIFT_*` environment variables; see the project README.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from airflow.sdk import CronDataIntervalTimetable, Param, TriggerRule, dag, get_current_context, task
+
+from blueshift.operators import BlueshiftStartTrackingOperator
+from blueshift.settings import Settings
+
+SETTINGS = Settings.from_env()
+
+
+@dag(
+    dag_id="blueshift_start_tracking",
+    schedule=CronDataIntervalTimetable("@daily", timezone="UTC"),
+    start_date=datetime(2026, 1, 1, tzinfo=UTC),
+    catchup=False,
+    max_active_runs=3,
+    render_template_as_native_obj=True,
+    default_args={
+        "owner": "data-engineering",
+        "retries": SETTINGS.task_retries,
+        "retry_delay": timedelta(seconds=SETTINGS.retry_delay_seconds),
+        "retry_exponential_backoff": 2.0,
+        "max_retry_delay": timedelta(minutes=30),
+    },
+    params={
+        "dry_run": Param(
+            False,
+            type="boolean",
+            title="Dry run",
+            description="Validate, chunk and audit the window as dry_run without calling Blueshift.",
+        ),
+        "chunk_size": Param(
+            500,
+            type="integer",
+            minimum=10,
+            maximum=10_000,
+            title="Chunk size",
+            description="Customers per mapped start_tracking task (10 to 10,000). Large windows use "
+            "bigger chunks so that no run maps more than BLUESHIFT_MAX_CHUNKS tasks.",
+        ),
+    },
+    tags=["blueshift", "reverse-etl", "consent"],
+    doc_md=__doc__,
+)
+def blueshift_start_tracking() -> None:
+    @task(show_return_value_in_logs=False)
+    def extract_and_validate() -> list[dict[str, Any]]:
+        """Read the window's users, validate and de-duplicate them, stage them, plan the chunks.
+
+        Returns the chunk descriptors (mapped over by start_tracking); the run's counts go to the
+        XCom key ``summary``. Neither holds customer data.
+        """
+        from blueshift.pipeline import extract_and_stage
+
+        context = get_current_context()
+        window_start, window_end = context["data_interval_start"], context["data_interval_end"]
+        if window_start is None or window_end is None:
+            raise ValueError("This DAG needs a data interval: trigger it with a logical date")
+        summary = extract_and_stage(
+            settings=SETTINGS,
+            dag_id=context["dag"].dag_id,
+            run_id=context["run_id"],
+            window_start=window_start,
+            window_end=window_end,
+            chunk_size=int(context["params"]["chunk_size"]),
+        )
+        chunks: list[dict[str, Any]] = summary.pop("chunks")
+        summary["chunks"] = len(chunks)
+        context["ti"].xcom_push(key="summary", value=summary)
+        return chunks
+
+    chunks = extract_and_validate()
+
+    sent = BlueshiftStartTrackingOperator.partial(
+        task_id="start_tracking",
+        pool=SETTINGS.pool,
+        map_index_template="{{ task.chunk['label'] }}",
+        dry_run_enabled="{{ params.dry_run }}",
+        blueshift_conn_id=SETTINGS.conn_id,
+        warehouse_conn_id=SETTINGS.warehouse_conn_id,
+        rate_limit=SETTINGS.rate_per_task,
+        max_in_flight=SETTINGS.max_in_flight,
+        max_attempts=SETTINGS.max_attempts,
+        backoff_base_seconds=SETTINGS.backoff_base_seconds,
+        backoff_cap_seconds=SETTINGS.backoff_cap_seconds,
+        connect_timeout=SETTINGS.connect_timeout,
+        read_timeout=SETTINGS.read_timeout,
+        audit_table=SETTINGS.audit_table,
+        staging_table=SETTINGS.staging_table,
+        doc_md="Sends one chunk of customers to Blueshift; its users come from the staging table.",
+    ).expand(chunk=chunks)
+
+    @task(trigger_rule=TriggerRule.ALL_DONE, show_return_value_in_logs=False)
+    def audit(chunks: Any, results: Any) -> dict[str, Any]:
+        """Write every user's outcome to the audit table; fail the run if any user is left failed."""
+        from blueshift.pipeline import audit_run
+
+        context = get_current_context()
+        summary = context["ti"].xcom_pull(task_ids="extract_and_validate", key="summary")
+        return audit_run(
+            settings=SETTINGS,
+            dag_id=context["dag"].dag_id,
+            run_id=context["run_id"],
+            prepared=summary,
+            chunk_results=list(results or []),
+        )
+
+    audit(chunks, sent.output)
+
+
+blueshift_start_tracking()

@@ -1,0 +1,133 @@
+"""Transport to Blueshift: one pooled keep-alive session, the exact Basic auth, timeouts, the one call."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+from urllib.parse import urlparse
+
+from airflow.providers.http.hooks.http import HttpHook
+from airflow.sdk.log import mask_secret
+from requests.auth import HTTPBasicAuth
+from requests_toolbelt.adapters.socket_options import TCPKeepAliveAdapter
+
+from blueshift.exceptions import BlueshiftConfigError
+
+START_TRACKING_ENDPOINT = "/api/v1/customers/unforget"
+REGION_HOSTS = {"us": "https://api.getblueshift.com", "eu": "https://api.eu.getblueshift.com"}
+
+
+def _is_loopback(hostname: str | None) -> bool:
+    if not hostname:
+        return False
+    if hostname == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(hostname).is_loopback
+    except ValueError:
+        return False
+
+
+class BlueshiftHook(HttpHook):
+    """
+    Call Blueshift's customer API with the User API key.
+
+    The key may sit in the connection's login (Blueshift's convention: key as username) or in its
+    password (masked in the UI). Either way it is sent as ``Basic base64("<key>:")`` with an empty
+    password: ``HttpHook`` alone would send ``<key>:None`` when the password is unset.
+
+    :param blueshift_conn_id: an HTTP connection whose host is the region's API host.
+    :param connect_timeout: seconds to open a connection.
+    :param read_timeout: seconds to wait for an answer.
+    :param pool_maxsize: keep-alive connections kept open; match the requests in flight.
+    """
+
+    conn_name_attr = "blueshift_conn_id"
+    default_conn_name = "blueshift_default"
+    conn_type = "http"
+    hook_name = "Blueshift"
+
+    def __init__(
+        self,
+        blueshift_conn_id: str = default_conn_name,
+        *,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 30.0,
+        pool_maxsize: int = 16,
+    ) -> None:
+        adapter = TCPKeepAliveAdapter(
+            idle=120, count=20, interval=30, pool_connections=1, pool_maxsize=pool_maxsize, max_retries=0
+        )
+        super().__init__(method="POST", http_conn_id=blueshift_conn_id, adapter=adapter)
+        self.blueshift_conn_id = blueshift_conn_id
+        self.timeout = (connect_timeout, read_timeout)
+        self._session: Any = None
+
+    def _extract_auth(self, connection: Any) -> HTTPBasicAuth:
+        key = (connection.login or connection.password or "").strip()
+        if not key:
+            raise BlueshiftConfigError(
+                f"Connection {self.blueshift_conn_id!r} has no API key: put the Blueshift User API key "
+                "in its login (or password) field"
+            )
+        mask_secret(key)
+        auth = HTTPBasicAuth(key, "")
+        # The encoded header is a secret of its own: mask it too.
+        mask_secret(auth(_HeaderProbe()).headers["Authorization"])
+        return auth
+
+    def _set_base_url(self, connection: Any) -> None:
+        super()._set_base_url(connection)
+        parsed = urlparse(self.base_url)
+        if not parsed.hostname:
+            raise BlueshiftConfigError(
+                f"Connection {self.blueshift_conn_id!r} has no host: set it to {REGION_HOSTS['us']} (US) "
+                f"or {REGION_HOSTS['eu']} (EU)"
+            )
+        if parsed.scheme != "https" and not _is_loopback(parsed.hostname):
+            raise BlueshiftConfigError(
+                f"Connection {self.blueshift_conn_id!r} uses {parsed.scheme}:// for {parsed.hostname}: "
+                "the API key is only sent over https (plain http is allowed for loopback test servers); "
+                f"set the host to {REGION_HOSTS['us']} or {REGION_HOSTS['eu']}"
+            )
+
+    def get_conn(
+        self, headers: dict[Any, Any] | None = None, extra_options: dict[str, Any] | None = None
+    ) -> Any:
+        """Return this hook's one keep-alive session, creating it on first use."""
+        if self._session is None:
+            session = super().get_conn(headers, extra_options)
+            session.headers.update({"Content-Type": "application/json", "Accept": "application/json"})
+            self._session = session
+        return self._session
+
+    def start_tracking(self, payload: dict[str, str]) -> Any:
+        """Send one customer to ``POST /api/v1/customers/unforget`` and return the response, any status.
+
+        :param payload: ``{"email": ...}``, ``{"customer_id": ...}`` or both.
+        """
+        session = self.get_conn()
+        request = session.prepare_request(
+            _request(self.method, self.url_from_endpoint(START_TRACKING_ENDPOINT), payload)
+        )
+        options = {**self.merged_extra, "timeout": self.timeout, "check_response": False}
+        return self.run_and_check(session, request, options)
+
+    def close(self) -> None:
+        """Close the pooled connections."""
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+
+
+class _HeaderProbe:
+    """A stand-in request that only collects headers, to compute the Basic header once for masking."""
+
+    def __init__(self) -> None:
+        self.headers: dict[str, str] = {}
+
+
+def _request(method: str, url: str, payload: dict[str, str]) -> Any:
+    from requests import Request
+
+    return Request(method, url, json=payload)

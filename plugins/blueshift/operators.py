@@ -1,0 +1,352 @@
+"""The task that starts tracking one chunk of users in Blueshift."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import requests
+from airflow.sdk import BaseOperator
+
+from blueshift.exceptions import BlueshiftAuthError, BlueshiftChunkIncomplete, BlueshiftConfigError
+from blueshift.hooks import BlueshiftHook
+from blueshift.outcomes import Status, Verdict, classify, redact
+from blueshift.pacing import AdaptiveRateLimiter, CircuitBreaker, backoff_delay
+from blueshift.warehouse import Warehouse
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+MAX_RETRY_AFTER_SECONDS = 120.0
+FLUSH_EVERY_SECONDS = 1.0
+FLUSH_EVERY_OUTCOMES = 500
+
+
+def as_bool(value: object, name: str) -> bool:
+    """Return a param value as a bool; text such as ``"true"``/``"false"`` is accepted."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in {"true", "false", "1", "0", "yes", "no"}:
+        return value.strip().lower() in {"true", "1", "yes"}
+    raise BlueshiftConfigError(f"Param {name!r} must be true or false, got {value!r}")
+
+
+def retry_after_seconds(response: requests.Response) -> float | None:
+    """Return the Retry-After delay in seconds if the answer carries one (Blueshift sends none today)."""
+    value = response.headers.get("Retry-After")
+    if value is None:
+        return None
+    try:
+        return min(max(float(value), 0.0), MAX_RETRY_AFTER_SECONDS)
+    except ValueError:
+        return None
+
+
+@dataclass
+class ChunkProgress:
+    """Counters of one chunk, shared by the sending threads."""
+
+    total: int
+    done: int = 0
+    requests: int = 0
+    throttled: int = 0
+    by_status: dict[str, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def count_request(self, status_code: int | None) -> None:
+        with self.lock:
+            self.requests += 1
+            if status_code == 429:
+                self.throttled += 1
+
+    def count_outcome(self, status: str) -> None:
+        with self.lock:
+            self.done += 1
+            self.by_status[status] = self.by_status.get(status, 0) + 1
+
+
+class _KeyRefusedError(Exception):
+    """Internal: Blueshift answered 401/403; carries the status for the task's error."""
+
+    def __init__(self, status_code: int) -> None:
+        super().__init__(status_code)
+        self.status_code = status_code
+
+
+class BlueshiftStartTrackingOperator(BaseOperator):
+    """
+    Start tracking every user of one chunk again: ``POST /api/v1/customers/unforget`` per user.
+
+    The chunk's users are read from the warehouse staging table (never from XCom), sent by up to
+    ``max_in_flight`` threads over one keep-alive session, paced to ``rate_limit`` requests/s, and
+    each outcome is written back to the staging table as it happens. Per the API contract:
+    200 is ``succeeded``; 400/413/422 are ``rejected`` and never retried; 404/409/429/5xx, timeouts
+    and dropped connections are retried with capped exponential backoff and full jitter, up to
+    ``max_attempts`` per user, then ``failed``; 401/403 stop the chunk at once without Airflow retry.
+    A chunk with ``failed`` users fails its task so Airflow's retries re-send only those users.
+
+    :param chunk: the chunk descriptor made by the extract task (``chunk_id``, ``bucket_lo``,
+        ``bucket_hi``, ``users``, ``label``).
+    :param blueshift_conn_id: HTTP connection with the region host and the API key.
+    :param warehouse_conn_id: common-sql connection holding the staging table.
+    :param dry_run_enabled: mark the chunk ``dry_run`` without sending anything (templated; the
+        DAG passes its ``dry_run`` param).
+    :param rate_limit: requests/s this task may spend (its share of the global budget).
+    :param max_in_flight: requests in flight at once.
+    :param max_attempts: attempts per user inside the task, the first included.
+    :param backoff_base_seconds: first backoff ceiling; it doubles per attempt.
+    :param backoff_cap_seconds: largest backoff ceiling.
+    :param connect_timeout: seconds to connect.
+    :param read_timeout: seconds to wait for an answer.
+    :param audit_table: the audit table (to name in messages; the staging table is used here).
+    :param staging_table: the staging table holding the run's users.
+    :param progress_interval: seconds between progress lines in the log.
+    """
+
+    template_fields: Sequence[str] = ("dry_run_enabled",)
+    ui_color = "#2b6cb0"
+    ui_fgcolor = "#ffffff"
+
+    def __init__(
+        self,
+        *,
+        chunk: dict[str, Any],
+        blueshift_conn_id: str = BlueshiftHook.default_conn_name,
+        warehouse_conn_id: str = "warehouse_default",
+        dry_run_enabled: bool | str = False,
+        rate_limit: float = 12.5,
+        max_in_flight: int = 16,
+        max_attempts: int = 5,
+        backoff_base_seconds: float = 0.5,
+        backoff_cap_seconds: float = 30.0,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 30.0,
+        audit_table: str = "blueshift_start_tracking_audit",
+        staging_table: str = "blueshift_start_tracking_staging",
+        progress_interval: float = 5.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.chunk = chunk
+        self.blueshift_conn_id = blueshift_conn_id
+        self.warehouse_conn_id = warehouse_conn_id
+        self.dry_run_enabled = dry_run_enabled
+        self.rate_limit = rate_limit
+        self.max_in_flight = max_in_flight
+        self.max_attempts = max_attempts
+        self.backoff_base_seconds = backoff_base_seconds
+        self.backoff_cap_seconds = backoff_cap_seconds
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.audit_table = audit_table
+        self.staging_table = staging_table
+        self.progress_interval = progress_interval
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        dag_id = context["dag"].dag_id
+        run_id = context["run_id"]
+        chunk_id = str(self.chunk["chunk_id"])
+        dry_run = as_bool(self.dry_run_enabled, "dry_run")
+        warehouse = Warehouse(
+            self.warehouse_conn_id, audit_table=self.audit_table, staging_table=self.staging_table
+        )
+        users = warehouse.load_chunk(
+            dag_id, run_id, int(self.chunk["bucket_lo"]), int(self.chunk["bucket_hi"])
+        )
+        self.log.info("Chunk %s: %d users to send (dry run: %s)", chunk_id, len(users), dry_run)
+        progress = ChunkProgress(total=len(users))
+        if dry_run:
+            outcomes = [_outcome(key, Status.DRY_RUN, None, 0, None) for key, _, _ in users]
+            warehouse.record_outcomes(dag_id, run_id, outcomes)
+            for _ in outcomes:
+                progress.count_outcome(Status.DRY_RUN.value)
+            return self._summary(chunk_id, progress)
+        if not users:
+            return self._summary(chunk_id, progress)
+
+        hook = BlueshiftHook(
+            self.blueshift_conn_id,
+            connect_timeout=self.connect_timeout,
+            read_timeout=self.read_timeout,
+            pool_maxsize=self.max_in_flight,
+        )
+        try:
+            hook.get_conn()  # resolve the connection and key before any request
+            refused = self._send_all(hook, warehouse, dag_id, run_id, users, progress)
+        finally:
+            hook.close()
+
+        summary = self._summary(chunk_id, progress)
+        self.log.info(
+            "Chunk %s finished: %s in %d requests (%d throttled)",
+            chunk_id,
+            _format_counts(progress.by_status),
+            progress.requests,
+            progress.throttled,
+        )
+        if refused is not None:
+            raise BlueshiftAuthError(
+                f"Blueshift refused the API key (HTTP {refused}) of connection {self.blueshift_conn_id!r}: "
+                "check that it holds a valid User API key for this account and region. "
+                f"{summary['failed']} users of chunk {chunk_id} were not sent and are audited failed."
+            )
+        if summary["failed"]:
+            raise BlueshiftChunkIncomplete(
+                f"{summary['failed']} of {len(users)} users of chunk {chunk_id} still failed after "
+                f"{self.max_attempts} attempts each; an Airflow retry re-sends only those users"
+            )
+        return summary
+
+    def _send_all(
+        self,
+        hook: BlueshiftHook,
+        warehouse: Warehouse,
+        dag_id: str,
+        run_id: str,
+        users: list[tuple[str, str | None, str | None]],
+        progress: ChunkProgress,
+    ) -> int | None:
+        """Send every user; return the 401/403 status if the key was refused, else None."""
+        limiter = AdaptiveRateLimiter(self.rate_limit)
+        breaker = CircuitBreaker()
+        stop = threading.Event()
+        refused: list[int] = []
+        pending: list[dict[str, Any]] = []
+        last_flush = last_report = time.monotonic()
+        started = last_report
+        rng = random.Random()  # noqa: S311 - jitter, not cryptography
+
+        def send(user: tuple[str, str | None, str | None]) -> dict[str, Any] | None:
+            try:
+                return self._send_one(hook, limiter, breaker, stop, user, progress, rng)
+            except _KeyRefusedError as err:
+                refused.append(err.status_code)
+                stop.set()
+                return None
+
+        remaining = {user[0]: user for user in users}
+        with ThreadPoolExecutor(max_workers=self.max_in_flight, thread_name_prefix="blueshift") as pool:
+            futures: set[Future[dict[str, Any] | None]] = {pool.submit(send, user) for user in users}
+            while futures:
+                finished, futures = wait(futures, timeout=FLUSH_EVERY_SECONDS, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    outcome = future.result()
+                    if outcome is not None:
+                        remaining.pop(outcome["user_key"], None)
+                        pending.append(outcome)
+                        progress.count_outcome(outcome["status"])
+                now = time.monotonic()
+                if len(pending) >= FLUSH_EVERY_OUTCOMES or now - last_flush >= FLUSH_EVERY_SECONDS:
+                    warehouse.record_outcomes(dag_id, run_id, pending)
+                    pending, last_flush = [], now
+                if now - last_report >= self.progress_interval:
+                    self._report(progress, now - started, limiter)
+                    last_report = now
+        if refused:
+            reason = f"not sent: Blueshift refused the API key (HTTP {refused[0]})"
+            for key in remaining:
+                pending.append(_outcome(key, Status.FAILED, refused[0], 0, reason))
+                progress.count_outcome(Status.FAILED.value)
+        warehouse.record_outcomes(dag_id, run_id, pending)
+        self._report(progress, time.monotonic() - started, limiter)
+        return refused[0] if refused else None
+
+    def _send_one(
+        self,
+        hook: BlueshiftHook,
+        limiter: AdaptiveRateLimiter,
+        breaker: CircuitBreaker,
+        stop: threading.Event,
+        user: tuple[str, str | None, str | None],
+        progress: ChunkProgress,
+        rng: random.Random,
+    ) -> dict[str, Any] | None:
+        """Send one user with bounded retries; return its outcome, or None if the chunk was stopped."""
+        key, customer_id, email = user
+        payload = {name: value for name, value in (("customer_id", customer_id), ("email", email)) if value}
+        http_status: int | None = None
+        error: str | None = None
+        for attempt in range(1, self.max_attempts + 1):
+            if stop.is_set():
+                return None
+            limiter.acquire()
+            if stop.is_set():
+                return None
+            retry_after: float | None = None
+            try:
+                response = hook.start_tracking(payload)
+            except (requests.Timeout, requests.ConnectionError) as err:
+                progress.count_request(None)
+                http_status, error = None, f"{type(err).__name__} (attempt {attempt})"
+            else:
+                http_status = response.status_code
+                progress.count_request(http_status)
+                verdict = classify(http_status)
+                if verdict is Verdict.OK:
+                    limiter.on_success()
+                    breaker.record_success()
+                    return _outcome(key, Status.SUCCEEDED, http_status, attempt, None)
+                if verdict is Verdict.AUTH:
+                    raise _KeyRefusedError(http_status)
+                if verdict is Verdict.REJECT:
+                    breaker.record_success()
+                    reason = redact(f"HTTP {http_status}: {response.text}")
+                    return _outcome(key, Status.REJECTED, http_status, attempt, reason)
+                if http_status == 429:
+                    limiter.on_throttled()
+                retry_after = retry_after_seconds(response)
+                error = redact(f"HTTP {http_status}: {response.text}")
+            pause = breaker.record_failure()
+            if pause:
+                self.log.warning("Circuit open after repeated transient failures: pausing %.1f s", pause)
+                limiter.pause(pause)
+            if attempt < self.max_attempts:
+                delay = backoff_delay(
+                    attempt, base=self.backoff_base_seconds, cap=self.backoff_cap_seconds, rng=rng
+                )
+                if retry_after is not None:
+                    delay = max(delay, retry_after)
+                if stop.wait(delay):
+                    return None
+        return _outcome(key, Status.FAILED, http_status, self.max_attempts, f"gave up: {error}")
+
+    def _report(self, progress: ChunkProgress, elapsed: float, limiter: AdaptiveRateLimiter) -> None:
+        self.log.info(
+            "Sent %d of %d users (%.1f req/s, pace %.1f/s, %d throttled, %d requests)",
+            progress.done,
+            progress.total,
+            progress.requests / elapsed if elapsed > 0 else 0.0,
+            limiter.rate,
+            progress.throttled,
+            progress.requests,
+        )
+
+    @staticmethod
+    def _summary(chunk_id: str, progress: ChunkProgress) -> dict[str, Any]:
+        summary: dict[str, Any] = {"chunk_id": chunk_id, "users": progress.total}
+        for status in (Status.SUCCEEDED, Status.REJECTED, Status.FAILED, Status.DRY_RUN):
+            summary[status.value] = progress.by_status.get(status.value, 0)
+        summary["requests"] = progress.requests
+        summary["throttled"] = progress.throttled
+        return summary
+
+
+def _outcome(
+    key: str, status: Status, http_status: int | None, attempts: int, error: str | None
+) -> dict[str, Any]:
+    return {
+        "user_key": key,
+        "status": status.value,
+        "http_status": http_status,
+        "attempts": attempts,
+        "error": error,
+    }
+
+
+def _format_counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{count} {status}" for status, count in sorted(counts.items())) or "nothing"

@@ -1,0 +1,107 @@
+"""Client-side pacing: Blueshift sends no rate headers, so the client keeps to its budget itself."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+
+
+def backoff_delay(attempt: int, *, base: float, cap: float, rng: random.Random) -> float:
+    """Return the wait before retry number ``attempt`` (1-based): capped exponential, full jitter."""
+    return rng.uniform(0.0, min(cap, base * (2 ** (attempt - 1))))
+
+
+class AdaptiveRateLimiter:
+    """
+    Space requests evenly at a rate that never exceeds ``max_rate`` requests/s, shared by threads.
+
+    Each ``acquire()`` reserves the next free slot on a timeline spaced ``1 / rate`` apart, so any
+    number of threads together never go past the rate, in any second. The rate adapts like TCP's
+    congestion window: a 429 halves it (down to ``min_rate``), each success adds back
+    ``max_rate / 50`` (so full speed returns within about 50 good answers).
+
+    A plain token bucket would allow bursts above the budget after idle time; an even spacing does not.
+    """
+
+    def __init__(
+        self,
+        max_rate: float,
+        *,
+        min_rate: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if max_rate <= 0:
+            raise ValueError("max_rate must be greater than 0")
+        self.max_rate = max_rate
+        self.min_rate = min_rate if min_rate is not None else max(max_rate / 64, 0.2)
+        self.rate = max_rate
+        self._clock = clock
+        self._sleep = sleep
+        self._next_slot = 0.0
+        self._lock = threading.Lock()
+        self._paused_until = 0.0
+
+    def acquire(self) -> None:
+        """Block until this caller may send one request."""
+        with self._lock:
+            now = self._clock()
+            slot = max(now, self._next_slot, self._paused_until)
+            self._next_slot = slot + 1.0 / self.rate
+        wait = slot - now
+        if wait > 0:
+            self._sleep(wait)
+
+    def on_success(self) -> None:
+        """Recover additively after a good answer."""
+        with self._lock:
+            self.rate = min(self.max_rate, self.rate + self.max_rate / 50)
+
+    def on_throttled(self) -> None:
+        """Slow down multiplicatively after a 429."""
+        with self._lock:
+            self.rate = max(self.min_rate, self.rate / 2)
+
+    def pause(self, seconds: float) -> None:
+        """Hold every caller back for ``seconds`` (a Retry-After, or an open circuit)."""
+        with self._lock:
+            self._paused_until = max(self._paused_until, self._clock() + seconds)
+
+
+class CircuitBreaker:
+    """
+    Stop spending attempts during a storm of 429s or 5xx.
+
+    After ``threshold`` transient failures in a row the circuit opens: callers wait ``cooldown``
+    seconds (doubling on each re-open, up to ``max_cooldown``) before the next request, instead of
+    each burning its bounded attempts against a server that is down. One success closes it.
+    """
+
+    def __init__(self, *, threshold: int = 20, cooldown: float = 2.0, max_cooldown: float = 30.0) -> None:
+        self.threshold = threshold
+        self.base_cooldown = cooldown
+        self.max_cooldown = max_cooldown
+        self.cooldown = cooldown
+        self.opened = 0
+        self._consecutive = 0
+        self._lock = threading.Lock()
+
+    def record_success(self) -> None:
+        """Close the circuit."""
+        with self._lock:
+            self._consecutive = 0
+            self.cooldown = self.base_cooldown
+
+    def record_failure(self) -> float:
+        """Count a transient failure; return seconds to pause everyone (0 while the circuit is closed)."""
+        with self._lock:
+            self._consecutive += 1
+            if self._consecutive < self.threshold:
+                return 0.0
+            self._consecutive = 0
+            self.opened += 1
+            pause = self.cooldown
+            self.cooldown = min(self.max_cooldown, self.cooldown * 2)
+            return pause

@@ -1,0 +1,208 @@
+"""The extract and audit steps of the DAG, kept out of the DAG file so it only wires tasks."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from blueshift.exceptions import BlueshiftAuditMismatch, BlueshiftConfigError, BlueshiftRunIncomplete
+from blueshift.outcomes import Status
+from blueshift.settings import Settings
+from blueshift.validation import BUCKETS, normalize
+from blueshift.warehouse import Warehouse
+
+log = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS = ("customer_id", "email")
+AUDITED_STATUSES = (Status.SUCCEEDED, Status.REJECTED, Status.INVALID, Status.FAILED, Status.DRY_RUN)
+
+
+def warehouse_from(settings: Settings) -> Warehouse:
+    """Return the warehouse named by the settings."""
+    return Warehouse(
+        settings.warehouse_conn_id, audit_table=settings.audit_table, staging_table=settings.staging_table
+    )
+
+
+def read_extract_sql(path: str) -> str:
+    """Return the extract query; it must bind ``:window_start`` and ``:window_end``."""
+    file = Path(path)
+    if not file.is_file():
+        raise BlueshiftConfigError(
+            f"BLUESHIFT_EXTRACT_SQL={path!r} is not a file: point it at a .sql file that selects "
+            "customer_id and email for :window_start <= consented_at < :window_end"
+        )
+    sql = file.read_text(encoding="utf-8")
+    missing = [name for name in (":window_start", ":window_end") if name not in sql]
+    if missing:
+        raise BlueshiftConfigError(
+            f"{path} does not use the bound parameter(s) {', '.join(missing)}: filter the window with "
+            "consented_at >= :window_start AND consented_at < :window_end"
+        )
+    return sql
+
+
+def plan_chunks(
+    pending_per_bucket: Iterable[tuple[int, int]], *, chunk_size: int, max_chunks: int
+) -> list[dict[str, Any]]:
+    """
+    Cut the hash buckets into contiguous ranges of about ``chunk_size`` users, at most ``max_chunks``.
+
+    A chunk is a bucket range, so its identity comes from its users' hashes, not from where they sat
+    in the extract; the ranges tile every bucket, so no staged user falls between two chunks.
+    """
+    counts = [(bucket, users) for bucket, users in pending_per_bucket if users > 0]
+    total = sum(users for _, users in counts)
+    if total == 0:
+        return []
+    target = max(chunk_size, math.ceil(total / max_chunks))
+    ranges: list[list[int]] = []  # [lo, hi, users]
+    lo, users_in_range = 0, 0
+    for bucket, users in counts:
+        users_in_range += users
+        if users_in_range >= target:
+            ranges.append([lo, bucket, users_in_range])
+            lo, users_in_range = bucket + 1, 0
+    if users_in_range:
+        if len(ranges) >= max_chunks:
+            ranges[-1][1] = BUCKETS - 1
+            ranges[-1][2] += users_in_range
+        else:
+            ranges.append([lo, BUCKETS - 1, users_in_range])
+    else:
+        ranges[-1][1] = BUCKETS - 1
+    return [
+        {
+            "chunk_id": f"b{lo:03x}-{hi:03x}",
+            "bucket_lo": lo,
+            "bucket_hi": hi,
+            "users": users,
+            "label": f"chunk {index + 1}/{len(ranges)} · {users} users",
+        }
+        for index, (lo, hi, users) in enumerate(ranges)
+    ]
+
+
+def extract_and_stage(
+    *,
+    settings: Settings,
+    dag_id: str,
+    run_id: str,
+    window_start: datetime,
+    window_end: datetime,
+    chunk_size: int,
+    read_chunksize: int = 50_000,
+) -> dict[str, Any]:
+    """Read the window, validate and de-duplicate its users, stage them and plan the chunks.
+
+    :return: counts and chunk descriptors only; no customer data.
+    """
+    sql = read_extract_sql(settings.extract_sql)
+    warehouse = warehouse_from(settings)
+    warehouse.ensure_tables()
+    warehouse.reset_run(dag_id, run_id)
+    rows = 0
+    for frame in _checked(
+        warehouse.read_window(sql, window_start, window_end, chunksize=read_chunksize), settings
+    ):
+        rows += len(frame)
+        users = normalize(frame).drop_duplicates("user_key")
+        warehouse.stage(users, dag_id=dag_id, run_id=run_id, window_start=window_start, window_end=window_end)
+    staged = warehouse.staged_counts(dag_id, run_id)
+    users_total = sum(staged.values())
+    chunks = plan_chunks(
+        warehouse.pending_per_bucket(dag_id, run_id), chunk_size=chunk_size, max_chunks=settings.max_chunks
+    )
+    log.info(
+        "Window [%s, %s): %d rows, %d users (%d duplicates removed), %d invalid, %d to send in %d chunks",
+        window_start.isoformat(),
+        window_end.isoformat(),
+        rows,
+        users_total,
+        rows - users_total,
+        staged.get(Status.INVALID.value, 0),
+        staged.get(Status.PENDING.value, 0),
+        len(chunks),
+    )
+    return {
+        "window_start": window_start.isoformat(),
+        "window_end": window_end.isoformat(),
+        "rows": rows,
+        "duplicates": rows - users_total,
+        "users": users_total,
+        "invalid": staged.get(Status.INVALID.value, 0),
+        "to_send": staged.get(Status.PENDING.value, 0),
+        "chunks": chunks,
+    }
+
+
+def _checked(frames: Iterable[Any], settings: Settings) -> Iterable[Any]:
+    for frame in frames:
+        frame.columns = [str(column).lower() for column in frame.columns]
+        missing = [column for column in REQUIRED_COLUMNS if column not in frame.columns]
+        if missing:
+            raise BlueshiftConfigError(
+                f"The extract query {settings.extract_sql} returns no column(s) {', '.join(missing)} "
+                f"(it returns {', '.join(frame.columns)}): alias your columns AS customer_id and AS email"
+            )
+        yield frame
+
+
+def audit_run(
+    *,
+    settings: Settings,
+    dag_id: str,
+    run_id: str,
+    prepared: dict[str, Any],
+    chunk_results: Sequence[dict[str, Any] | None],
+) -> dict[str, Any]:
+    """Publish every staged user's outcome to the audit table, check the sum, and fail if work is left.
+
+    :return: per-status counts of the run (no customer data).
+    """
+    warehouse = warehouse_from(settings)
+    warehouse.publish_audit(dag_id, run_id)
+    counts = warehouse.audit_counts(dag_id, run_id)
+    staged = sum(warehouse.staged_counts(dag_id, run_id).values())
+    audited = sum(counts.values())
+    summary: dict[str, Any] = {status.value: counts.get(status.value, 0) for status in AUDITED_STATUSES}
+    summary.update(
+        window_start=prepared["window_start"],
+        window_end=prepared["window_end"],
+        rows=prepared["rows"],
+        duplicates=prepared["duplicates"],
+        users=prepared["users"],
+    )
+    finished_chunks = sum(1 for result in chunk_results if result)
+    summary["chunks"] = int(prepared["chunks"])
+    summary["chunks_failed"] = summary["chunks"] - finished_chunks
+    log.info("Audit of run %s\n%s", run_id, format_summary(summary))
+    if not (audited == staged == prepared["users"]):
+        raise BlueshiftAuditMismatch(
+            f"Audit mismatch: {prepared['users']} users extracted, {staged} staged, {audited} audited"
+        )
+    if summary[Status.FAILED.value] or summary["chunks_failed"]:
+        raise BlueshiftRunIncomplete(
+            f"{summary[Status.FAILED.value]} users ended failed and {summary['chunks_failed']} of "
+            f"{summary['chunks']} chunk tasks did not finish; see {settings.audit_table} for the users "
+            "and the chunk task logs for the cause, then clear the failed tasks to re-send them"
+        )
+    # Kept for failed runs, so clearing a failed chunk re-sends its unfinished users.
+    warehouse.reset_run(dag_id, run_id)
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """Return the run's per-status counts as a small text table."""
+    lines = [
+        f"window     {summary['window_start']} .. {summary['window_end']}",
+        f"rows       {summary['rows']:>9}  ({summary['duplicates']} duplicates collapsed)",
+        f"users      {summary['users']:>9}",
+    ]
+    lines += [f"{status.value:<10} {summary[status.value]:>9}" for status in AUDITED_STATUSES]
+    lines.append(f"chunks     {summary['chunks']:>9}  ({summary['chunks_failed']} did not finish)")
+    return "\n".join(lines)

@@ -1,0 +1,114 @@
+"""Deployment settings, read from ``BLUESHIFT_*`` environment variables.
+
+Environment variables are cheap to read at DAG parse time (unlike Airflow Variables, which cost a
+metadata/API round trip on every parse) and are set the same way in ``airflow standalone``, the
+compose file and a Kubernetes pod. Per-run choices (dry run, chunk size) are DAG params instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from blueshift.exceptions import BlueshiftConfigError
+
+DEFAULT_EXTRACT_SQL = Path(__file__).resolve().parent / "sql" / "extract_reconsented_users.sql"
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?$")
+
+
+def validate_identifier(value: str, setting: str) -> str:
+    """Return ``value`` if it is a plain SQL identifier (optionally ``schema.table``), else raise."""
+    if not _IDENTIFIER.match(value):
+        raise BlueshiftConfigError(
+            f"{setting}={value!r} is not a plain SQL table name: use letters, digits and underscores, "
+            "optionally as schema.table"
+        )
+    return value
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise ValueError("must be greater than 0")
+    return number
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError("must be at least 1")
+    return number
+
+
+def _non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError("must be 0 or more")
+    return number
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All deployment settings of the pipeline, with their defaults."""
+
+    conn_id: str = "blueshift_default"
+    warehouse_conn_id: str = "warehouse_default"
+    extract_sql: str = str(DEFAULT_EXTRACT_SQL)
+    audit_table: str = "blueshift_start_tracking_audit"
+    staging_table: str = "blueshift_start_tracking_staging"
+    rate_limit: float = 50.0
+    pool: str = "blueshift_api"
+    pool_slots: int = 4
+    max_in_flight: int = 16
+    max_attempts: int = 5
+    backoff_base_seconds: float = 0.5
+    backoff_cap_seconds: float = 30.0
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    task_retries: int = 2
+    retry_delay_seconds: int = 60
+    max_chunks: int = 256
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read every ``BLUESHIFT_<FIELD>`` variable; a bad value raises an error naming the variable."""
+        environ = os.environ if environ is None else environ
+        parsers: dict[str, Callable[[str], Any]] = {
+            "rate_limit": _positive_float,
+            "pool_slots": _positive_int,
+            "max_in_flight": _positive_int,
+            "max_attempts": _positive_int,
+            "backoff_base_seconds": _positive_float,
+            "backoff_cap_seconds": _positive_float,
+            "connect_timeout": _positive_float,
+            "read_timeout": _positive_float,
+            "task_retries": _non_negative_int,
+            "retry_delay_seconds": _non_negative_int,
+            "max_chunks": _positive_int,
+        }
+        values: dict[str, Any] = {}
+        for field in fields(cls):
+            name = f"BLUESHIFT_{field.name.upper()}"
+            raw = environ.get(name)
+            if raw is None or raw.strip() == "":
+                continue
+            parse = parsers.get(field.name, str.strip)
+            try:
+                values[field.name] = parse(raw)
+            except ValueError as err:
+                raise BlueshiftConfigError(f"{name}={raw!r} is invalid ({err}); fix or unset it") from err
+        settings = cls(**values)
+        validate_identifier(settings.audit_table, "BLUESHIFT_AUDIT_TABLE")
+        validate_identifier(settings.staging_table, "BLUESHIFT_STAGING_TABLE")
+        if settings.max_chunks > 1024:
+            raise BlueshiftConfigError("BLUESHIFT_MAX_CHUNKS must be at most 1024 ([core] max_map_length)")
+        return settings
+
+    @property
+    def rate_per_task(self) -> float:
+        """Requests/s one chunk task may spend: the pool's slots share the global budget."""
+        return self.rate_limit / self.pool_slots

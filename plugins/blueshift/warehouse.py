@@ -1,0 +1,340 @@
+"""The warehouse side: read a window, stage validated users, record outcomes, publish the audit.
+
+Every statement goes through SQLAlchemy with bound parameters, on the engine of the connection's own
+common-sql hook (SqliteHook, PostgresHook, ...). The writes use ``INSERT ... ON CONFLICT``, which
+SQLite (3.24+) and PostgreSQL share; table names come from settings and are validated identifiers.
+
+Customer rows never travel through XCom: the extract task stages them in ``staging_table`` keyed by
+(dag_id, run_id, user_key), chunk tasks read their slice from there and write their outcomes back,
+and the audit task publishes the run's rows into ``audit_table`` in one transactional statement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import BaseHook
+from sqlalchemy import DateTime, Integer, String, bindparam, text
+
+from blueshift.exceptions import BlueshiftConfigError
+from blueshift.outcomes import Status
+from blueshift.settings import validate_identifier
+from blueshift.validation import storable
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from sqlalchemy.engine import Connection, Engine
+
+CHUNK_TASK_DID_NOT_FINISH = "chunk task did not finish (see its log); the user was not confirmed sent"
+
+
+def utc_naive(moment: datetime) -> datetime:
+    """Return ``moment`` in UTC without tzinfo, the form stored in TIMESTAMP columns."""
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC).replace(tzinfo=None)
+    return moment
+
+
+def sql_timestamp(moment: datetime) -> str:
+    """Return ``YYYY-MM-DD HH:MM:SS`` in UTC: compares correctly as text (SQLite) and as a timestamp."""
+    return utc_naive(moment).strftime("%Y-%m-%d %H:%M:%S")
+
+
+class Warehouse:
+    """
+    Staging and audit tables on any common-sql connection.
+
+    :param conn_id: the Airflow connection of the warehouse (SQLite, PostgreSQL, ...).
+    :param audit_table: table that keeps one row per (dag, window, user).
+    :param staging_table: table that holds the users of runs in flight.
+    """
+
+    def __init__(self, conn_id: str, *, audit_table: str, staging_table: str) -> None:
+        self.conn_id = conn_id
+        self.audit_table = validate_identifier(audit_table, "BLUESHIFT_AUDIT_TABLE")
+        self.staging_table = validate_identifier(staging_table, "BLUESHIFT_STAGING_TABLE")
+
+    @cached_property
+    def engine(self) -> Engine:
+        """Return the SQLAlchemy engine of the connection's common-sql hook."""
+        try:
+            connection = BaseHook.get_connection(self.conn_id)
+        except Exception as err:
+            raise BlueshiftConfigError(
+                f"Warehouse connection {self.conn_id!r} is not defined: create it (e.g. "
+                f"AIRFLOW_CONN_{self.conn_id.upper()}="
+                '\'{"conn_type": "sqlite", "host": "/abs/warehouse.db"}\')'
+            ) from err
+        hook = connection.get_hook()
+        if not hasattr(hook, "get_sqlalchemy_engine"):
+            raise BlueshiftConfigError(
+                f"Warehouse connection {self.conn_id!r} has type {connection.conn_type!r}, which is not a "
+                "SQL database: use a common-sql connection type such as sqlite or postgres"
+            )
+        engine_kwargs: dict[str, Any] = {}
+        if connection.conn_type == "sqlite":
+            # Several chunk tasks write at once; wait for SQLite's lock instead of failing after 5 s.
+            engine_kwargs["connect_args"] = {"timeout": 60}
+        return hook.get_sqlalchemy_engine(engine_kwargs=engine_kwargs)
+
+    @property
+    def dialect(self) -> str:
+        """Return the SQLAlchemy dialect name (``sqlite``, ``postgresql``, ...)."""
+        return self.engine.dialect.name
+
+    def ensure_tables(self) -> None:
+        """Create the staging and audit tables if they do not exist."""
+        with self.engine.begin() as conn:
+            if self.dialect == "sqlite":
+                # Readers do not block the writer, so chunk tasks can run side by side.
+                conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+            conn.execute(
+                text(
+                    f"""
+                    CREATE TABLE IF NOT EXISTS {self.staging_table} (
+                        dag_id VARCHAR(250) NOT NULL,
+                        run_id VARCHAR(250) NOT NULL,
+                        user_key VARCHAR(64) NOT NULL,
+                        window_start TIMESTAMP NOT NULL,
+                        window_end TIMESTAMP NOT NULL,
+                        bucket INTEGER NOT NULL,
+                        customer_id TEXT,
+                        email TEXT,
+                        status VARCHAR(16) NOT NULL,
+                        http_status INTEGER,
+                        attempts INTEGER NOT NULL DEFAULT 0,
+                        error TEXT,
+                        PRIMARY KEY (dag_id, run_id, user_key)
+                    )
+                    """
+                )
+            )
+            conn.execute(
+                text(
+                    f"""
+                    CREATE TABLE IF NOT EXISTS {self.audit_table} (
+                        dag_id VARCHAR(250) NOT NULL,
+                        window_start TIMESTAMP NOT NULL,
+                        window_end TIMESTAMP NOT NULL,
+                        user_key VARCHAR(64) NOT NULL,
+                        run_id VARCHAR(250) NOT NULL,
+                        customer_id TEXT,
+                        email TEXT,
+                        status VARCHAR(16) NOT NULL,
+                        http_status INTEGER,
+                        attempts INTEGER NOT NULL,
+                        error TEXT,
+                        created_at TIMESTAMP NOT NULL,
+                        updated_at TIMESTAMP NOT NULL,
+                        PRIMARY KEY (dag_id, window_start, window_end, user_key)
+                    )
+                    """
+                )
+            )
+
+    def read_window(
+        self, sql: str, window_start: datetime, window_end: datetime, *, chunksize: int = 50_000
+    ) -> Iterator[pd.DataFrame]:
+        """Yield the window's rows in frames of at most ``chunksize`` rows (bounded memory)."""
+        import pandas as pd
+
+        params = {"window_start": sql_timestamp(window_start), "window_end": sql_timestamp(window_end)}
+        with self.engine.connect() as conn:
+            streaming = conn.execution_options(stream_results=True)
+            yield from pd.read_sql(text(sql), streaming, params=params, chunksize=chunksize)
+
+    def reset_run(self, dag_id: str, run_id: str) -> None:
+        """Forget what an earlier try of this run staged."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                text(f"DELETE FROM {self.staging_table} WHERE dag_id = :dag_id AND run_id = :run_id"),
+                {"dag_id": dag_id, "run_id": run_id},
+            )
+
+    def stage(
+        self,
+        users: pd.DataFrame,
+        *,
+        dag_id: str,
+        run_id: str,
+        window_start: datetime,
+        window_end: datetime,
+    ) -> None:
+        """Insert normalized users; a user already staged for the run (a duplicate) is kept once."""
+        if users.empty:
+            return
+        statement = text(
+            f"""
+            INSERT INTO {self.staging_table}
+                (dag_id, run_id, user_key, window_start, window_end, bucket, customer_id, email,
+                 status, attempts, error)
+            VALUES (:dag_id, :run_id, :user_key, :window_start, :window_end, :bucket, :customer_id,
+                    :email, :status, 0, :error)
+            ON CONFLICT (dag_id, run_id, user_key) DO NOTHING
+            """
+        ).bindparams(
+            bindparam("window_start", type_=DateTime()),
+            bindparam("window_end", type_=DateTime()),
+            bindparam("bucket", type_=Integer()),
+        )
+        start, end = utc_naive(window_start), utc_naive(window_end)
+        rows = [
+            {
+                "dag_id": dag_id,
+                "run_id": run_id,
+                "user_key": key,
+                "window_start": start,
+                "window_end": end,
+                "bucket": int(bucket),
+                "customer_id": storable(customer_id),
+                "email": storable(email),
+                "status": Status.PENDING.value if error is None else Status.INVALID.value,
+                "error": error,
+            }
+            for key, bucket, customer_id, email, error in zip(
+                users["user_key"].tolist(),
+                users["bucket"].tolist(),
+                users["customer_id"].tolist(),
+                users["email"].tolist(),
+                users["error"].tolist(),
+                strict=True,
+            )
+        ]
+        with self.engine.begin() as conn:
+            conn.execute(statement, rows)
+
+    def staged_counts(self, dag_id: str, run_id: str) -> dict[str, int]:
+        """Return the number of staged users of the run per status."""
+        with self.engine.connect() as conn:
+            result = conn.execute(
+                text(
+                    f"SELECT status, COUNT(*) FROM {self.staging_table} "
+                    "WHERE dag_id = :dag_id AND run_id = :run_id GROUP BY status"
+                ),
+                {"dag_id": dag_id, "run_id": run_id},
+            )
+            return {str(status): int(count) for status, count in result}
+
+    def pending_per_bucket(self, dag_id: str, run_id: str) -> list[tuple[int, int]]:
+        """Return ``(bucket, users)`` for every bucket that holds users still to send, in bucket order."""
+        with self.engine.connect() as conn:
+            result = conn.execute(
+                text(
+                    f"SELECT bucket, COUNT(*) FROM {self.staging_table} "
+                    "WHERE dag_id = :dag_id AND run_id = :run_id AND status = :pending "
+                    "GROUP BY bucket ORDER BY bucket"
+                ),
+                {"dag_id": dag_id, "run_id": run_id, "pending": Status.PENDING.value},
+            )
+            return [(int(bucket), int(count)) for bucket, count in result]
+
+    def load_chunk(
+        self, dag_id: str, run_id: str, bucket_lo: int, bucket_hi: int
+    ) -> list[tuple[str, str | None, str | None]]:
+        """Return ``(user_key, customer_id, email)`` of the chunk's users not yet done (pending or failed)."""
+        with self.engine.connect() as conn:
+            result = conn.execute(
+                text(
+                    f"SELECT user_key, customer_id, email FROM {self.staging_table} "
+                    "WHERE dag_id = :dag_id AND run_id = :run_id AND bucket BETWEEN :lo AND :hi "
+                    "AND status IN (:pending, :failed) ORDER BY user_key"
+                ),
+                {
+                    "dag_id": dag_id,
+                    "run_id": run_id,
+                    "lo": bucket_lo,
+                    "hi": bucket_hi,
+                    "pending": Status.PENDING.value,
+                    "failed": Status.FAILED.value,
+                },
+            )
+            return [(str(key), customer_id, email) for key, customer_id, email in result]
+
+    def record_outcomes(self, dag_id: str, run_id: str, outcomes: Sequence[dict[str, Any]]) -> None:
+        """Write outcomes (``user_key, status, http_status, attempts, error``) in one transaction."""
+        if not outcomes:
+            return
+        statement = text(
+            f"""
+            UPDATE {self.staging_table}
+            SET status = :status, http_status = :http_status, attempts = attempts + :attempts,
+                error = :error
+            WHERE dag_id = :dag_id AND run_id = :run_id AND user_key = :user_key
+            """
+        ).bindparams(
+            bindparam("http_status", type_=Integer()),
+            bindparam("attempts", type_=Integer()),
+            bindparam("error", type_=String()),
+        )
+        rows = [{"dag_id": dag_id, "run_id": run_id, **outcome} for outcome in outcomes]
+        with self.engine.begin() as conn:
+            conn.execute(statement, rows)
+
+    def publish_audit(self, dag_id: str, run_id: str, *, now: datetime | None = None) -> None:
+        """
+        Upsert the run's users into the audit table, one row per (dag, window, user), atomically.
+
+        Users still ``pending`` belong to a chunk task that did not finish: they are audited
+        ``failed``. A ``dry_run`` outcome never overwrites a real one.
+        """
+        statement = text(
+            f"""
+            INSERT INTO {self.audit_table} AS audit
+                (dag_id, window_start, window_end, user_key, run_id, customer_id, email, status,
+                 http_status, attempts, error, created_at, updated_at)
+            SELECT dag_id, window_start, window_end, user_key, run_id, customer_id, email,
+                   CASE WHEN status = :pending THEN :failed ELSE status END,
+                   http_status, attempts,
+                   CASE WHEN status = :pending THEN :not_finished ELSE error END,
+                   :now, :now
+            FROM {self.staging_table}
+            WHERE dag_id = :dag_id AND run_id = :run_id
+            ON CONFLICT (dag_id, window_start, window_end, user_key) DO UPDATE SET
+                run_id = excluded.run_id,
+                customer_id = excluded.customer_id,
+                email = excluded.email,
+                status = excluded.status,
+                http_status = excluded.http_status,
+                attempts = excluded.attempts,
+                error = excluded.error,
+                updated_at = excluded.updated_at
+            WHERE audit.status = :dry_run OR excluded.status <> :dry_run
+            """
+        ).bindparams(bindparam("now", type_=DateTime()))
+        params = {
+            "dag_id": dag_id,
+            "run_id": run_id,
+            "pending": Status.PENDING.value,
+            "failed": Status.FAILED.value,
+            "dry_run": Status.DRY_RUN.value,
+            "not_finished": CHUNK_TASK_DID_NOT_FINISH,
+            "now": utc_naive(now or datetime.now(UTC)),
+        }
+        with self.engine.begin() as conn:
+            conn.execute(statement, params)
+
+    def drop_run(self, dag_id: str, run_id: str, conn: Connection | None = None) -> None:
+        """Delete the run's staged users once the audit holds them."""
+        self.reset_run(dag_id, run_id)
+
+    def audit_counts(self, dag_id: str, run_id: str) -> dict[str, int]:
+        """Return the audit's rows per status for the users staged by this run."""
+        with self.engine.connect() as conn:
+            result = conn.execute(
+                text(
+                    f"""
+                    SELECT audit.status, COUNT(*)
+                    FROM {self.audit_table} audit
+                    JOIN {self.staging_table} staged
+                      ON staged.dag_id = audit.dag_id AND staged.user_key = audit.user_key
+                     AND staged.window_start = audit.window_start AND staged.window_end = audit.window_end
+                    WHERE staged.dag_id = :dag_id AND staged.run_id = :run_id
+                    GROUP BY audit.status
+                    """
+                ),
+                {"dag_id": dag_id, "run_id": run_id},
+            )
+            return {str(status): int(count) for status, count in result}

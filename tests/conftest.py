@@ -1,0 +1,102 @@
+"""Test setup: a private AIRFLOW_HOME with a migrated metadata DB, the stand-in, and warehouses.
+
+Airflow reads its configuration when first imported, so the environment is set here, at import
+time of the conftest, before any test module imports airflow.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="blueshift-tests-airflow-"))
+os.environ.update(
+    {
+        "AIRFLOW_HOME": str(AIRFLOW_HOME),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+        "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+    }
+)
+for name in list(os.environ):
+    if name.startswith(("BLUESHIFT_", "AIRFLOW_CONN_")):
+        del os.environ[name]
+
+PG_DSN = os.environ.get("BLUESHIFT_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+API_KEY = "sk-test-7Hq2ZxV9pL4mN8rT"
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> Path:
+    """Migrate a fresh metadata DB once per test session (SQLite in the private AIRFLOW_HOME)."""
+    airflow = Path(sys.executable).parent / "airflow"
+    result = subprocess.run(
+        [str(airflow), "db", "migrate"], capture_output=True, text=True, env=os.environ.copy(), timeout=300
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return AIRFLOW_HOME
+
+
+@pytest.fixture
+def standin() -> Iterator[object]:
+    """A fresh Blueshift stand-in on a free loopback port, accepting ``API_KEY``."""
+    from sandbox.blueshift_standin import StandIn, StandInConfig
+
+    server = StandIn(StandInConfig(api_key=API_KEY)).start()
+    yield server
+    server.stop()
+
+
+@dataclass
+class WarehouseDb:
+    """A throw-away warehouse: its Airflow connection JSON and a SQLAlchemy URL for assertions."""
+
+    kind: str
+    conn_json: str
+    url: str
+
+
+def _sqlite_warehouse(tmp_path: Path) -> WarehouseDb:
+    path = tmp_path / "warehouse.db"
+    return WarehouseDb("sqlite", f'{{"conn_type": "sqlite", "host": "{path}"}}', f"sqlite:///{path}")
+
+
+@pytest.fixture
+def sqlite_warehouse(tmp_path: Path) -> WarehouseDb:
+    return _sqlite_warehouse(tmp_path)
+
+
+@pytest.fixture
+def postgres_warehouse() -> Iterator[WarehouseDb]:
+    """A PostgreSQL database created for the test and dropped after it."""
+    import psycopg
+
+    name = f"blueshift_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_DSN, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    conn_json = (
+        '{"conn_type": "postgres", "host": "127.0.0.1", "port": 5432, "login": "postgres", '
+        f'"schema": "{name}"}}'
+    )
+    yield WarehouseDb("postgres", conn_json, f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}")
+    with psycopg.connect(PG_DSN, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def warehouse_db(request: pytest.FixtureRequest, tmp_path: Path) -> WarehouseDb:
+    """Each warehouse kind in turn: SQLite (embedded default) and PostgreSQL."""
+    if request.param == "sqlite":
+        return _sqlite_warehouse(tmp_path)
+    return request.getfixturevalue("postgres_warehouse")
