@@ -97,6 +97,11 @@ class BlueshiftHook(HttpHook):
         """Return this hook's one keep-alive session, creating it on first use."""
         if self._session is None:
             session = super().get_conn(headers, extra_options)
+            if session.verify is False and not _is_loopback(urlparse(self.base_url).hostname):
+                raise BlueshiftConfigError(
+                    f"Connection {self.blueshift_conn_id!r} turns TLS certificate checks off "
+                    "(extra verify=false): remove that extra; the API key must only reach the real host"
+                )
             session.headers.update({"Content-Type": "application/json", "Accept": "application/json"})
             self._session = session
         return self._session

@@ -80,7 +80,10 @@ class RunResult:
 
 @pytest.fixture
 def run_dag(
-    airflow_db: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+    airflow_db: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> Callable[..., RunResult]:
     """Return a function that runs the DAG once with ``dag.test()`` and reports states and output."""
 
@@ -107,6 +110,7 @@ def run_dag(
         assert bag.import_errors == {}
         dag = bag.get_dag(DAG_ID)
         capfd.readouterr()
+        caplog.clear()
         dag_run = dag.test(logical_date=logical_date.replace(tzinfo=UTC), run_conf=conf)
         out, err = capfd.readouterr()
         with create_session() as session:
@@ -121,6 +125,7 @@ def run_dag(
             for path in (Path(airflow_db) / "logs").rglob("*")
             if path.is_file()
         )
-        return RunResult(state=str(dag_run.state), task_states=task_states, output=out + err + logs)
+        output = "\n".join([out, err, caplog.text, logs])
+        return RunResult(state=str(dag_run.state), task_states=task_states, output=output)
 
     return run

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+
 from collections import Counter
 from datetime import datetime
 
+from tests.conftest import API_KEY
 from tests.dags.conftest import audit_rows, seed_source, users_of_day
 
 DIRTY = [
@@ -54,3 +57,109 @@ def test_run_with_faults_audits_every_user_once(warehouse_db, standin, run_dag):
     assert result.state == expected_state, result.task_states
     assert result.task_states["extract_and_validate"] == ["success"]
     print(f"faults 20%: {dict(statuses)}, requests {standin.state.requests}, run {result.state}")
+
+
+def _assert_no_secrets_or_emails(output: str, emails: list[str]) -> None:
+    header = base64.b64encode(f"{API_KEY}:".encode()).decode()
+    assert API_KEY not in output
+    assert header not in output
+    leaked = [email for email in emails if email and email.strip().lower() in output.lower()]
+    assert not leaked, f"{len(leaked)} customer emails in the logs, e.g. {leaked[0][:3]}***"
+
+
+def _xcom_values(run_id_prefix: str = "") -> str:
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        rows = session.query(XComModel).filter(XComModel.dag_id == "blueshift_start_tracking").all()
+        return "\n".join(str(row.value) for row in rows)
+
+
+def test_no_key_header_or_email_in_logs_or_xcom(sqlite_warehouse, standin, run_dag):
+    users = users_of_day("2026-11-24", 30)
+    seed_source(sqlite_warehouse.url, users + [(None, "not-an-email@", "2026-11-24 01:00:00")])
+    standin.state.config.fault_rate = 0.2
+    standin.state.config.faults = ["500", "422", "drop"]
+
+    result = run_dag(sqlite_warehouse, standin, logical_date=datetime(2026, 11, 25))
+
+    # The check below only means something if the task logs were captured.
+    assert "30 users to send" in result.output and "Audit of run" in result.output
+    emails = [email for _, email, _ in users] + ["not-an-email@"]
+    _assert_no_secrets_or_emails(result.output, emails)
+    _assert_no_secrets_or_emails(_xcom_values(), emails)
+
+
+def test_dry_run_sends_nothing_and_audits_dry_run(warehouse_db, standin, run_dag):
+    users = users_of_day("2026-11-24", 25)
+    seed_source(warehouse_db.url, users)
+
+    result = run_dag(warehouse_db, standin, logical_date=datetime(2026, 11, 25), conf={"dry_run": True})
+
+    assert result.state == "success"
+    assert standin.state.requests == 0
+    rows = audit_rows(warehouse_db.url)
+    assert len(rows) == 25
+    assert {row["status"] for row in rows} == {"dry_run"}
+    assert all(row["attempts"] == 0 for row in rows)
+
+
+def test_rerunning_a_window_keeps_one_audit_row_per_user(warehouse_db, standin, run_dag):
+    seed_source(warehouse_db.url, users_of_day("2026-11-24", 40))
+    first = run_dag(warehouse_db, standin, logical_date=datetime(2026, 11, 25))
+    second = run_dag(warehouse_db, standin, logical_date=datetime(2026, 11, 25))
+    dry = run_dag(warehouse_db, standin, logical_date=datetime(2026, 11, 25), conf={"dry_run": True})
+
+    assert first.state == second.state == dry.state == "success"
+    rows = audit_rows(warehouse_db.url)
+    assert len(rows) == 40
+    assert len({(row["window_start"], row["user_key"]) for row in rows}) == 40
+    assert {row["status"] for row in rows} == {"succeeded"}, "a dry run never overwrites a real outcome"
+
+
+def test_user_left_failed_fails_the_run(warehouse_db, standin, run_dag):
+    users = users_of_day("2026-11-24", 20)
+    seed_source(warehouse_db.url, users)
+    standin.state.config.fixed = {users[0][0]: 503}
+
+    result = run_dag(warehouse_db, standin, logical_date=datetime(2026, 11, 25))
+
+    assert result.state == "failed"
+    assert result.task_states["start_tracking"] == ["failed"]
+    assert result.task_states["audit"] == ["failed"]
+    rows = {row["customer_id"]: row for row in audit_rows(warehouse_db.url)}
+    assert len(rows) == 20
+    assert rows[users[0][0]]["status"] == "failed"
+    assert rows[users[0][0]]["attempts"] == 4
+    assert "HTTP 503" in rows[users[0][0]]["error"]
+    assert sum(row["status"] == "succeeded" for row in rows.values()) == 19
+
+
+def test_revoked_key_stops_the_run_and_audits_the_rest_failed(warehouse_db, standin, run_dag):
+    seed_source(warehouse_db.url, users_of_day("2026-11-24", 60))
+    standin.state.config.revoke_after = 10
+
+    result = run_dag(
+        warehouse_db, standin, logical_date=datetime(2026, 11, 25), settings={"BLUESHIFT_TASK_RETRIES": "2"}
+    )
+
+    assert result.state == "failed"
+    assert result.task_states["start_tracking"] == ["failed"], "no Airflow retry after a refused key"
+    assert standin.state.requests <= 10 + 8
+    rows = audit_rows(warehouse_db.url)
+    statuses = Counter(row["status"] for row in rows)
+    assert len(rows) == 60
+    assert statuses["succeeded"] == len(_applied(standin)) <= 10
+    assert statuses["failed"] == 60 - statuses["succeeded"]
+    assert all("refused the API key" in row["error"] for row in rows if row["status"] == "failed")
+    assert "Blueshift refused the API key (HTTP 401)" in result.output
+
+
+def test_empty_window_succeeds_with_nothing_to_do(warehouse_db, standin, run_dag):
+    seed_source(warehouse_db.url, users_of_day("2026-11-20", 5))
+    result = run_dag(warehouse_db, standin, logical_date=datetime(2026, 11, 25))
+    assert result.state == "success"
+    assert result.task_states["start_tracking"] == ["skipped"]
+    assert audit_rows(warehouse_db.url) == []
+    assert standin.state.requests == 0

@@ -1,0 +1,102 @@
+"""Pacing: even spacing under the budget, multiplicative back-off on 429, the circuit."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+
+from blueshift.pacing import AdaptiveRateLimiter, CircuitBreaker, backoff_delay
+
+
+class FakeClock:
+    """A clock that stands still and records the sleeps asked of it."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+
+
+def test_slots_are_spaced_one_over_rate():
+    clock = FakeClock()
+    limiter = AdaptiveRateLimiter(10.0, clock=clock, sleep=clock.sleep)
+    for _ in range(5):
+        limiter.acquire()
+    assert clock.slept == pytest.approx([0.1, 0.2, 0.3, 0.4])
+
+
+def test_real_threads_never_exceed_the_rate():
+    limiter = AdaptiveRateLimiter(200.0)
+    stamps: list[float] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        for _ in range(25):
+            limiter.acquire()
+            with lock:
+                stamps.append(time.monotonic())
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.monotonic() - started
+    assert len(stamps) == 200
+    assert elapsed >= 199 / 200 * 0.98
+    stamps.sort()
+    busiest = max(sum(1 for s in stamps if start <= s < start + 0.25) for start in stamps)
+    assert busiest <= 0.25 * 200 + 2
+
+
+def test_429_halves_and_success_recovers_additively():
+    limiter = AdaptiveRateLimiter(50.0)
+    limiter.on_throttled()
+    assert limiter.rate == 25.0
+    limiter.on_throttled()
+    assert limiter.rate == 12.5
+    for _ in range(10):
+        limiter.on_success()
+    assert limiter.rate == pytest.approx(22.5)
+    for _ in range(100):
+        limiter.on_success()
+    assert limiter.rate == 50.0
+    for _ in range(100):
+        limiter.on_throttled()
+    assert limiter.rate == limiter.min_rate > 0
+
+
+def test_pause_holds_every_caller():
+    clock = FakeClock()
+    limiter = AdaptiveRateLimiter(100.0, clock=clock, sleep=clock.sleep)
+    limiter.pause(2.0)
+    limiter.acquire()
+    assert clock.slept == [2.0]
+
+
+def test_backoff_is_capped_and_jittered():
+    rng = random.Random(1)
+    delays = [backoff_delay(attempt, base=0.5, cap=8.0, rng=rng) for attempt in range(1, 12) for _ in range(50)]
+    assert all(0 <= delay <= 8.0 for delay in delays)
+    assert len(set(delays)) > 100
+    first = [backoff_delay(1, base=0.5, cap=8.0, rng=rng) for _ in range(200)]
+    assert max(first) <= 0.5
+
+
+def test_circuit_opens_after_a_storm_and_closes_on_success():
+    breaker = CircuitBreaker(threshold=3, cooldown=1.0, max_cooldown=4.0)
+    assert [breaker.record_failure() for _ in range(3)] == [0.0, 0.0, 1.0]
+    assert [breaker.record_failure() for _ in range(3)] == [0.0, 0.0, 2.0]
+    assert [breaker.record_failure() for _ in range(6)][-1] == 4.0
+    breaker.record_success()
+    assert [breaker.record_failure() for _ in range(3)] == [0.0, 0.0, 1.0]
+    assert breaker.opened == 5

@@ -1,0 +1,95 @@
+"""Chunk planning, the extract query file, and settings: bounds and clear errors."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from blueshift.exceptions import BlueshiftConfigError
+from blueshift.pipeline import plan_chunks, read_extract_sql
+from blueshift.settings import DEFAULT_EXTRACT_SQL, Settings
+from blueshift.validation import BUCKETS
+
+
+def spread(users: int, seed: int = 0) -> list[tuple[int, int]]:
+    rng = random.Random(seed)
+    counts: dict[int, int] = {}
+    for _ in range(users):
+        bucket = rng.randrange(BUCKETS)
+        counts[bucket] = counts.get(bucket, 0) + 1
+    return sorted(counts.items())
+
+
+@pytest.mark.parametrize(
+    ("users", "chunk_size", "max_chunks"),
+    [(1, 500, 256), (499, 500, 256), (1_000, 100, 256), (20_000, 500, 256), (1_000_000, 10, 256), (5_000, 10, 8)],
+)
+def test_chunks_tile_every_bucket_and_stay_under_the_bound(users, chunk_size, max_chunks):
+    per_bucket = spread(users)
+    chunks = plan_chunks(per_bucket, chunk_size=chunk_size, max_chunks=max_chunks)
+    assert 1 <= len(chunks) <= max_chunks
+    assert sum(chunk["users"] for chunk in chunks) == users
+    assert chunks[0]["bucket_lo"] == 0 and chunks[-1]["bucket_hi"] == BUCKETS - 1
+    for before, after in zip(chunks, chunks[1:], strict=False):
+        assert after["bucket_lo"] == before["bucket_hi"] + 1
+    if users >= chunk_size * 2:
+        assert min(chunk["users"] for chunk in chunks[:-1]) >= min(chunk_size, users // max_chunks)
+    assert len({chunk["chunk_id"] for chunk in chunks}) == len(chunks)
+    assert chunks[0]["label"].startswith(f"chunk 1/{len(chunks)} · ")
+
+
+def test_no_users_no_chunks():
+    assert plan_chunks([], chunk_size=500, max_chunks=256) == []
+
+
+def test_chunk_identity_comes_from_content():
+    per_bucket = spread(3_000, seed=1)
+    assert plan_chunks(per_bucket, chunk_size=500, max_chunks=256) == plan_chunks(
+        list(reversed(per_bucket))[::-1], chunk_size=500, max_chunks=256
+    )
+
+
+def test_default_extract_sql_binds_the_window():
+    sql = read_extract_sql(str(DEFAULT_EXTRACT_SQL))
+    assert ":window_start" in sql and ":window_end" in sql
+    assert "{" not in sql and "%s" not in sql
+
+
+def test_missing_extract_sql_names_the_setting(tmp_path):
+    with pytest.raises(BlueshiftConfigError, match="BLUESHIFT_EXTRACT_SQL"):
+        read_extract_sql(str(tmp_path / "nope.sql"))
+
+
+def test_extract_sql_without_window_parameters_is_refused(tmp_path):
+    path = tmp_path / "query.sql"
+    path.write_text("SELECT customer_id, email FROM reconsented_users WHERE consented_at >= :window_start")
+    with pytest.raises(BlueshiftConfigError, match=":window_end"):
+        read_extract_sql(str(path))
+
+
+def test_settings_defaults():
+    settings = Settings.from_env({})
+    assert settings.rate_limit == 50.0
+    assert settings.rate_per_task == 12.5
+    assert settings.max_chunks <= 1024
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("BLUESHIFT_RATE_LIMIT", "fast", "BLUESHIFT_RATE_LIMIT='fast' is invalid"),
+        ("BLUESHIFT_RATE_LIMIT", "0", "greater than 0"),
+        ("BLUESHIFT_POOL_SLOTS", "-1", "at least 1"),
+        ("BLUESHIFT_AUDIT_TABLE", "audit; DROP TABLE x", "not a plain SQL table name"),
+        ("BLUESHIFT_STAGING_TABLE", "stage-1", "not a plain SQL table name"),
+        ("BLUESHIFT_MAX_CHUNKS", "5000", "max_map_length"),
+    ],
+)
+def test_bad_settings_name_the_variable(name, value, message):
+    with pytest.raises(BlueshiftConfigError, match=message):
+        Settings.from_env({name: value})
+
+
+def test_schema_qualified_table_is_allowed():
+    assert Settings.from_env({"BLUESHIFT_AUDIT_TABLE": "marketing.audit"}).audit_table == "marketing.audit"
