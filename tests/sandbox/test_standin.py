@@ -18,7 +18,9 @@ def auth(key: str = API_KEY, password: str = "") -> dict[str, str]:
 
 
 def test_ok_and_recorded(standin):
-    response = requests.post(standin.url + URL, json={"email": "a@b.co", "customer_id": "C-1"}, headers=auth())
+    response = requests.post(
+        standin.url + URL, json={"email": "a@b.co", "customer_id": "C-1"}, headers=auth()
+    )
     assert response.status_code == 200
     assert response.json() == {"status": "ok"}
     assert standin.state.snapshot()["applied"] == [{"email": "a@b.co", "customer_id": "C-1"}]
@@ -90,5 +92,8 @@ def test_dropped_connection(standin):
 
 def test_revoke_after(standin):
     standin.state.config.revoke_after = 2
-    codes = [requests.post(standin.url + URL, json={"customer_id": "C"}, headers=auth()).status_code for _ in range(4)]
+    codes = [
+        requests.post(standin.url + URL, json={"customer_id": "C"}, headers=auth()).status_code
+        for _ in range(4)
+    ]
     assert codes == [200, 200, 401, 401]

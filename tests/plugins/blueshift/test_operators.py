@@ -196,7 +196,9 @@ def test_retry_of_a_chunk_resends_only_unfinished_users(warehouse, blueshift):
     assert rows["C-FLAKY"]["attempts"] == MAX_ATTEMPTS + 1
 
 
-@pytest.mark.parametrize(("value", "expected"), [(True, True), ("False", False), ("true", True), ("0", False)])
+@pytest.mark.parametrize(
+    ("value", "expected"), [(True, True), ("False", False), ("true", True), ("0", False)]
+)
 def test_as_bool(value, expected):
     assert as_bool(value, "dry_run") is expected
 

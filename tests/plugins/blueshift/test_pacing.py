@@ -85,7 +85,9 @@ def test_pause_holds_every_caller():
 
 def test_backoff_is_capped_and_jittered():
     rng = random.Random(1)
-    delays = [backoff_delay(attempt, base=0.5, cap=8.0, rng=rng) for attempt in range(1, 12) for _ in range(50)]
+    delays = [
+        backoff_delay(attempt, base=0.5, cap=8.0, rng=rng) for attempt in range(1, 12) for _ in range(50)
+    ]
     assert all(0 <= delay <= 8.0 for delay in delays)
     assert len(set(delays)) > 100
     first = [backoff_delay(1, base=0.5, cap=8.0, rng=rng) for _ in range(200)]

@@ -23,7 +23,14 @@ def spread(users: int, seed: int = 0) -> list[tuple[int, int]]:
 
 @pytest.mark.parametrize(
     ("users", "chunk_size", "max_chunks"),
-    [(1, 500, 256), (499, 500, 256), (1_000, 100, 256), (20_000, 500, 256), (1_000_000, 10, 256), (5_000, 10, 8)],
+    [
+        (1, 500, 256),
+        (499, 500, 256),
+        (1_000, 100, 256),
+        (20_000, 500, 256),
+        (1_000_000, 10, 256),
+        (5_000, 10, 8),
+    ],
 )
 def test_chunks_tile_every_bucket_and_stay_under_the_bound(users, chunk_size, max_chunks):
     per_bucket = spread(users)
