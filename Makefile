@@ -20,8 +20,9 @@ help: ## List the targets
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -r requirements.txt -r requirements-dev.txt -c constraints.txt
+	set -o pipefail; $(BIN)/pip install --quiet --upgrade pip 2>&1 | { grep -v "ignored: it is neither" || true; }
+	set -o pipefail; $(BIN)/pip install --quiet -r requirements.txt -r requirements-dev.txt -c constraints.txt \
+	  2>&1 | { grep -v "ignored: it is neither" || true; }
 	touch $@
 
 install: $(VENV)/.installed ## Create .venv and install the pinned requirements
@@ -41,7 +42,7 @@ demo: install ## Seed a SQLite warehouse, start the stand-in, run the DAG for on
 	airflow pools set blueshift_api 1 "Blueshift API: its slots share BLUESHIFT_RATE_LIMIT" > /dev/null; \
 	echo "Running blueshift_start_tracking for the window [$(DEMO_DAY), $(DEMO_DATE)); log in $(DEMO)/dag_test.log ..."; \
 	airflow dags test blueshift_start_tracking $(DEMO_DATE) > $(DEMO)/dag_test.log 2>&1; RC=$$?; \
-	grep -E "DagRun Finished|Marking run" $(DEMO)/dag_test.log | sed -E 's/.*(Marking run|DagRun Finished)/\1/' | cut -c1-160 | tail -1; \
+	echo "DAG run state: $$(grep -oE 'DagRun Finished: .*state=[a-z]+' $(DEMO)/dag_test.log | grep -oE '[a-z]+$$' | tail -1)"; \
 	$(BIN)/python sandbox/demo_warehouse.py summary $(DEMO)/warehouse.db; exit $$RC
 
 lint: install ## ruff lint and format check

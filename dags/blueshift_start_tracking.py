@@ -121,7 +121,7 @@ def blueshift_start_tracking() -> None:
             dag_id=context["dag"].dag_id,
             run_id=context["run_id"],
             prepared=summary,
-            chunk_results=list(results or []),
+            finished_chunks=len(results) if results is not None else 0,
         )
 
     audit(chunks, sent.output)

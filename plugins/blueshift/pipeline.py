@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from blueshift.warehouse import Warehouse
 log = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("customer_id", "email")
+MIN_CHUNK_USERS = 10
 AUDITED_STATUSES = (Status.SUCCEEDED, Status.REJECTED, Status.INVALID, Status.FAILED, Status.DRY_RUN)
 
 
@@ -47,10 +48,18 @@ def read_extract_sql(path: str) -> str:
 
 
 def plan_chunks(
-    pending_per_bucket: Iterable[tuple[int, int]], *, chunk_size: int, max_chunks: int
+    pending_per_bucket: Iterable[tuple[int, int]],
+    *,
+    chunk_size: int,
+    max_chunks: int,
+    min_chunks: int = 1,
 ) -> list[dict[str, Any]]:
     """
     Cut the hash buckets into contiguous ranges of about ``chunk_size`` users, at most ``max_chunks``.
+
+    Chunks shrink (to no fewer than ``MIN_CHUNK_USERS``) so that a run has at least ``min_chunks``
+    of them (the pool's slots): each chunk task spends only its share of the budget, so a run with
+    fewer chunks than slots would leave budget unused.
 
     A chunk is a bucket range, so its identity comes from its users' hashes, not from where they sat
     in the extract; the ranges tile every bucket, so no staged user falls between two chunks.
@@ -59,7 +68,10 @@ def plan_chunks(
     total = sum(users for _, users in counts)
     if total == 0:
         return []
-    target = max(chunk_size, math.ceil(total / max_chunks))
+    target = max(
+        min(chunk_size, max(MIN_CHUNK_USERS, math.ceil(total / min_chunks))),
+        math.ceil(total / max_chunks),
+    )
     ranges: list[list[int]] = []  # [lo, hi, users]
     lo, users_in_range = 0, 0
     for bucket, users in counts:
@@ -115,7 +127,10 @@ def extract_and_stage(
     staged = warehouse.staged_counts(dag_id, run_id)
     users_total = sum(staged.values())
     chunks = plan_chunks(
-        warehouse.pending_per_bucket(dag_id, run_id), chunk_size=chunk_size, max_chunks=settings.max_chunks
+        warehouse.pending_per_bucket(dag_id, run_id),
+        chunk_size=chunk_size,
+        max_chunks=settings.max_chunks,
+        min_chunks=settings.pool_slots,
     )
     log.info(
         "Window [%s, %s): %d rows, %d users (%d duplicates removed), %d invalid, %d to send in %d chunks",
@@ -158,10 +173,11 @@ def audit_run(
     dag_id: str,
     run_id: str,
     prepared: dict[str, Any],
-    chunk_results: Sequence[dict[str, Any] | None],
+    finished_chunks: int,
 ) -> dict[str, Any]:
     """Publish every staged user's outcome to the audit table, check the sum, and fail if work is left.
 
+    :param finished_chunks: how many chunk tasks returned (a failed task returns nothing).
     :return: per-status counts of the run (no customer data).
     """
     warehouse = warehouse_from(settings)
@@ -177,7 +193,6 @@ def audit_run(
         duplicates=prepared["duplicates"],
         users=prepared["users"],
     )
-    finished_chunks = sum(1 for result in chunk_results if result)
     summary["chunks"] = int(prepared["chunks"])
     summary["chunks_failed"] = summary["chunks"] - finished_chunks
     log.info("Audit of run %s\n%s", run_id, format_summary(summary))

@@ -46,6 +46,13 @@ def test_chunks_tile_every_bucket_and_stay_under_the_bound(users, chunk_size, ma
     assert chunks[0]["label"].startswith(f"chunk 1/{len(chunks)} · ")
 
 
+@pytest.mark.parametrize(("users", "expected"), [(5, 1), (40, 4), (600, 4), (5_000, 10)])
+def test_small_runs_still_fill_the_pool_slots(users, expected):
+    chunks = plan_chunks(spread(users, seed=2), chunk_size=500, max_chunks=256, min_chunks=4)
+    assert len(chunks) == pytest.approx(expected, abs=1)
+    assert sum(chunk["users"] for chunk in chunks) == users
+
+
 def test_no_users_no_chunks():
     assert plan_chunks([], chunk_size=500, max_chunks=256) == []
 
