@@ -10,8 +10,12 @@ customer (connection `blueshift_default`), in chunks mapped over `start_tracking
 `blueshift_start_tracking_audit` with its outcome: `succeeded`, `rejected`, `invalid`, `failed` or
 `dry_run`. The run fails when any customer ended `failed` or a chunk task did not finish.
 
-Params: `dry_run` (validate, chunk and audit without sending), `chunk_size` (customers per mapped
-task). Settings: `BLUESHIFT_*` environment variables; see the project README.
+Re-runs and backfills of a window send only customers not yet `succeeded` for it (param `force`
+re-sends them). Scheduled runs also retry customers left `failed` by earlier windows of the last
+`BLUESHIFT_CARRY_OVER_DAYS` days. Failures alert through `BLUESHIFT_ALERT_NOTIFIER`.
+
+Params: `dry_run` (validate, chunk and audit without sending), `force`, `chunk_size` (customers per
+mapped task). Settings: `BLUESHIFT_*` environment variables; see the project README.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 
 from airflow.sdk import CronDataIntervalTimetable, Param, TriggerRule, dag, get_current_context, task
 
+from blueshift.alerts import notify_failure
 from blueshift.operators import BlueshiftStartTrackingOperator
 from blueshift.settings import Settings
 
@@ -48,6 +53,13 @@ SETTINGS = Settings.from_env()
             title="Dry run",
             description="Validate, chunk and audit the window as dry_run without calling Blueshift.",
         ),
+        "force": Param(
+            False,
+            type="boolean",
+            title="Force re-send",
+            description="Also re-send customers whose audit row for this window already says succeeded. "
+            "Off: a re-run or backfill of a window sends only what is not yet succeeded.",
+        ),
         "chunk_size": Param(
             500,
             type="integer",
@@ -62,7 +74,11 @@ SETTINGS = Settings.from_env()
     doc_md=__doc__,
 )
 def blueshift_start_tracking() -> None:
-    @task(show_return_value_in_logs=False)
+    @task(
+        show_return_value_in_logs=False,
+        doc_md="Streams the window's re-consented customers from the warehouse, validates and "
+        "de-duplicates them with pandas, stages them, and returns chunk descriptors (no customer data).",
+    )
     def extract_and_validate() -> list[dict[str, Any]]:
         """Read the window's users, validate and de-duplicate them, stage them, plan the chunks.
 
@@ -75,13 +91,19 @@ def blueshift_start_tracking() -> None:
         window_start, window_end = context["data_interval_start"], context["data_interval_end"]
         if window_start is None or window_end is None:
             raise ValueError("This DAG needs a data interval: trigger it with a logical date")
+        params = context["params"]
+        carry_over_since = None
+        if context["dag_run"].run_type == "scheduled" and SETTINGS.carry_over_days and not params["dry_run"]:
+            carry_over_since = window_start - timedelta(days=SETTINGS.carry_over_days)
         summary = extract_and_stage(
             settings=SETTINGS,
             dag_id=context["dag"].dag_id,
             run_id=context["run_id"],
             window_start=window_start,
             window_end=window_end,
-            chunk_size=int(context["params"]["chunk_size"]),
+            chunk_size=int(params["chunk_size"]),
+            force=bool(params["force"]),
+            carry_over_since=carry_over_since,
         )
         chunks: list[dict[str, Any]] = summary.pop("chunks")
         summary["chunks"] = len(chunks)
@@ -109,20 +131,29 @@ def blueshift_start_tracking() -> None:
         doc_md="Sends one chunk of customers to Blueshift; its users come from the staging table.",
     ).expand(chunk=chunks)
 
-    @task(trigger_rule=TriggerRule.ALL_DONE, show_return_value_in_logs=False)
+    @task(
+        trigger_rule=TriggerRule.ALL_DONE,
+        show_return_value_in_logs=False,
+        on_failure_callback=notify_failure,
+        doc_md="Upserts every customer's outcome into the audit table and fails the run if any "
+        "customer ended failed or a chunk task did not finish; alerts on failure.",
+    )
     def audit(chunks: Any, results: Any) -> dict[str, Any]:
         """Write every user's outcome to the audit table; fail the run if any user is left failed."""
-        from blueshift.pipeline import audit_run
+        from blueshift.pipeline import audit_run, raise_if_incomplete
 
         context = get_current_context()
-        summary = context["ti"].xcom_pull(task_ids="extract_and_validate", key="summary")
-        return audit_run(
+        prepared = context["ti"].xcom_pull(task_ids="extract_and_validate", key="summary")
+        summary = audit_run(
             settings=SETTINGS,
             dag_id=context["dag"].dag_id,
             run_id=context["run_id"],
-            prepared=summary,
+            prepared=prepared,
             finished_chunks=len(results) if results is not None else 0,
         )
+        context["ti"].xcom_push(key="summary", value=summary)
+        raise_if_incomplete(summary, SETTINGS)
+        return summary
 
     audit(chunks, sent.output)
 

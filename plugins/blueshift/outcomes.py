@@ -15,6 +15,8 @@ class Status(StrEnum):
     INVALID = "invalid"
     FAILED = "failed"
     DRY_RUN = "dry_run"
+    SKIPPED = "skipped"
+    """Staging only: the user already succeeded for this window; a re-run does not send it again."""
 
 
 class Verdict(StrEnum):

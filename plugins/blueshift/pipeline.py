@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -107,10 +107,14 @@ def extract_and_stage(
     window_start: datetime,
     window_end: datetime,
     chunk_size: int,
+    force: bool = False,
+    carry_over_since: datetime | None = None,
     read_chunksize: int = 50_000,
 ) -> dict[str, Any]:
     """Read the window, validate and de-duplicate its users, stage them and plan the chunks.
 
+    :param force: also re-send users whose audit row for this window already says ``succeeded``.
+    :param carry_over_since: also re-send users left ``failed`` by earlier windows since then.
     :return: counts and chunk descriptors only; no customer data.
     """
     sql = read_extract_sql(settings.extract_sql)
@@ -124,6 +128,12 @@ def extract_and_stage(
         rows += len(frame)
         users = normalize(frame).drop_duplicates("user_key")
         warehouse.stage(users, dag_id=dag_id, run_id=run_id, window_start=window_start, window_end=window_end)
+    window_users = sum(warehouse.staged_counts(dag_id, run_id).values())
+    if not force:
+        warehouse.skip_already_succeeded(dag_id, run_id)
+    carried = 0
+    if carry_over_since is not None:
+        carried = warehouse.carry_over_failed(dag_id, run_id, since=carry_over_since, before=window_start)
     staged = warehouse.staged_counts(dag_id, run_id)
     users_total = sum(staged.values())
     chunks = plan_chunks(
@@ -133,13 +143,16 @@ def extract_and_stage(
         min_chunks=settings.pool_slots,
     )
     log.info(
-        "Window [%s, %s): %d rows, %d users (%d duplicates removed), %d invalid, %d to send in %d chunks",
+        "Window [%s, %s): %d rows, %d users (%d duplicates removed), %d invalid, %d already succeeded, "
+        "%d failed earlier carried over; %d to send in %d chunks",
         window_start.isoformat(),
         window_end.isoformat(),
         rows,
-        users_total,
-        rows - users_total,
+        window_users,
+        rows - window_users,
         staged.get(Status.INVALID.value, 0),
+        staged.get(Status.SKIPPED.value, 0),
+        carried,
         staged.get(Status.PENDING.value, 0),
         len(chunks),
     )
@@ -147,10 +160,14 @@ def extract_and_stage(
         "window_start": window_start.isoformat(),
         "window_end": window_end.isoformat(),
         "rows": rows,
-        "duplicates": rows - users_total,
+        "duplicates": rows - window_users,
+        "window_users": window_users,
+        "carried_over": carried,
+        "already_succeeded": staged.get(Status.SKIPPED.value, 0),
         "users": users_total,
         "invalid": staged.get(Status.INVALID.value, 0),
         "to_send": staged.get(Status.PENDING.value, 0),
+        "carry_over_since": carry_over_since.isoformat() if carry_over_since else None,
         "chunks": chunks,
     }
 
@@ -175,30 +192,64 @@ def audit_run(
     prepared: dict[str, Any],
     finished_chunks: int,
 ) -> dict[str, Any]:
-    """Publish every staged user's outcome to the audit table, check the sum, and fail if work is left.
+    """Publish every staged user's outcome to the audit table and return the run's counts.
+
+    ``raise_if_incomplete`` then decides the run's fate from the counts.
 
     :param finished_chunks: how many chunk tasks returned (a failed task returns nothing).
     :return: per-status counts of the run (no customer data).
     """
     warehouse = warehouse_from(settings)
-    warehouse.publish_audit(dag_id, run_id)
+    since = prepared.get("carry_over_since")
+    carry_over_since = datetime.fromisoformat(since) if since else None
+    warehouse.publish_audit(dag_id, run_id, carry_over_since=carry_over_since)
     counts = warehouse.audit_counts(dag_id, run_id)
     staged = sum(warehouse.staged_counts(dag_id, run_id).values())
     audited = sum(counts.values())
     summary: dict[str, Any] = {status.value: counts.get(status.value, 0) for status in AUDITED_STATUSES}
-    summary.update(
-        window_start=prepared["window_start"],
-        window_end=prepared["window_end"],
-        rows=prepared["rows"],
-        duplicates=prepared["duplicates"],
-        users=prepared["users"],
-    )
+    for name in (
+        "window_start",
+        "window_end",
+        "rows",
+        "duplicates",
+        "users",
+        "already_succeeded",
+        "carried_over",
+    ):
+        summary[name] = prepared.get(name, 0)
+    summary["expired_failures"] = 0
+    if carry_over_since is not None:
+        summary["expired_failures"] = warehouse.count_failed(
+            dag_id, since=carry_over_since - timedelta(days=1), before=carry_over_since
+        )
     summary["chunks"] = int(prepared["chunks"])
     summary["chunks_failed"] = summary["chunks"] - finished_chunks
     log.info("Audit of run %s\n%s", run_id, format_summary(summary))
-    if not (audited == staged == prepared["users"]):
+    if summary["expired_failures"]:
+        log.warning(
+            "%d users failed in the window that just left the %d-day carry-over: they stay failed and are "
+            "no longer retried automatically; see %s",
+            summary["expired_failures"],
+            settings.carry_over_days,
+            settings.audit_table,
+        )
+    summary["staged"], summary["audited"] = staged, audited
+    if (
+        audited == staged == prepared["users"]
+        and not summary[Status.FAILED.value]
+        and not summary["chunks_failed"]
+    ):
+        # Kept for failed runs, so clearing a failed chunk re-sends only its unfinished users.
+        warehouse.reset_run(dag_id, run_id)
+    return summary
+
+
+def raise_if_incomplete(summary: dict[str, Any], settings: Settings) -> None:
+    """Fail the run unless every user is accounted for and none ended ``failed``."""
+    if not (summary["audited"] == summary["staged"] == summary["users"]):
         raise BlueshiftAuditMismatch(
-            f"Audit mismatch: {prepared['users']} users extracted, {staged} staged, {audited} audited"
+            f"Audit mismatch: {summary['users']} users extracted, {summary['staged']} staged, "
+            f"{summary['audited']} audited"
         )
     if summary[Status.FAILED.value] or summary["chunks_failed"]:
         raise BlueshiftRunIncomplete(
@@ -206,18 +257,16 @@ def audit_run(
             f"{summary['chunks']} chunk tasks did not finish; see {settings.audit_table} for the users "
             "and the chunk task logs for the cause, then clear the failed tasks to re-send them"
         )
-    # Kept for failed runs, so clearing a failed chunk re-sends its unfinished users.
-    warehouse.reset_run(dag_id, run_id)
-    return summary
 
 
 def format_summary(summary: dict[str, Any]) -> str:
     """Return the run's per-status counts as a small text table."""
     lines = [
-        f"window     {summary['window_start']} .. {summary['window_end']}",
-        f"rows       {summary['rows']:>9}  ({summary['duplicates']} duplicates collapsed)",
-        f"users      {summary['users']:>9}",
+        f"window      {summary['window_start']} .. {summary['window_end']}",
+        f"rows        {summary['rows']:>9}  ({summary['duplicates']} duplicates collapsed)",
+        f"users       {summary['users']:>9}  ({summary.get('carried_over', 0)} carried over from earlier "
+        f"windows, {summary.get('already_succeeded', 0)} already succeeded and not re-sent)",
     ]
-    lines += [f"{status.value:<10} {summary[status.value]:>9}" for status in AUDITED_STATUSES]
-    lines.append(f"chunks     {summary['chunks']:>9}  ({summary['chunks_failed']} did not finish)")
+    lines += [f"{status.value:<11} {summary[status.value]:>9}" for status in AUDITED_STATUSES]
+    lines.append(f"chunks      {summary['chunks']:>9}  ({summary['chunks_failed']} did not finish)")
     return "\n".join(lines)

@@ -7,6 +7,7 @@ compose file and a Kubernetes pod. Per-run choices (dry run, chunk size) are DAG
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -51,6 +52,16 @@ def _non_negative_int(value: str) -> int:
     return number
 
 
+def _json_object(value: str) -> str:
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"not JSON: {err.msg}") from err
+    if not isinstance(parsed, dict):
+        raise ValueError("must be a JSON object")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     """All deployment settings of the pipeline, with their defaults."""
@@ -72,6 +83,9 @@ class Settings:
     task_retries: int = 2
     retry_delay_seconds: int = 60
     max_chunks: int = 256
+    carry_over_days: int = 7
+    alert_notifier: str = ""
+    alert_notifier_kwargs: str = "{}"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -89,6 +103,8 @@ class Settings:
             "task_retries": _non_negative_int,
             "retry_delay_seconds": _non_negative_int,
             "max_chunks": _positive_int,
+            "carry_over_days": _non_negative_int,
+            "alert_notifier_kwargs": _json_object,
         }
         values: dict[str, Any] = {}
         for field in fields(cls):
@@ -107,6 +123,12 @@ class Settings:
         if settings.max_chunks > 1024:
             raise BlueshiftConfigError("BLUESHIFT_MAX_CHUNKS must be at most 1024 ([core] max_map_length)")
         return settings
+
+    @property
+    def notifier_kwargs(self) -> dict[str, Any]:
+        """Return the alert notifier's keyword arguments."""
+        parsed: dict[str, Any] = json.loads(self.alert_notifier_kwargs)
+        return parsed
 
     @property
     def rate_per_task(self) -> float:

@@ -206,6 +206,129 @@ class Warehouse:
         with self.engine.begin() as conn:
             conn.execute(statement, rows)
 
+    def skip_already_succeeded(self, dag_id: str, run_id: str) -> None:
+        """Mark staged users whose audit row for the same window already says ``succeeded``."""
+        statement = text(
+            f"""
+            UPDATE {self.staging_table}
+            SET status = :skipped
+            WHERE dag_id = :dag_id AND run_id = :run_id AND status = :pending
+              AND EXISTS (
+                SELECT 1 FROM {self.audit_table} audit
+                WHERE audit.dag_id = {self.staging_table}.dag_id
+                  AND audit.window_start = {self.staging_table}.window_start
+                  AND audit.window_end = {self.staging_table}.window_end
+                  AND audit.user_key = {self.staging_table}.user_key
+                  AND audit.status = :succeeded
+              )
+            """
+        )
+        with self.engine.begin() as conn:
+            conn.execute(
+                statement,
+                {
+                    "dag_id": dag_id,
+                    "run_id": run_id,
+                    "skipped": Status.SKIPPED.value,
+                    "pending": Status.PENDING.value,
+                    "succeeded": Status.SUCCEEDED.value,
+                },
+            )
+
+    def carry_over_failed(self, dag_id: str, run_id: str, *, since: datetime, before: datetime) -> int:
+        """
+        Stage the users whose audit row is ``failed`` in a window in ``[since, before)``.
+
+        They keep their own window, so a success updates their original audit row. A user already
+        staged for this run (it is in the current window too) is not staged twice: one send.
+
+        :return: how many users were carried over.
+        """
+        select = (
+            text(
+                f"""
+                SELECT user_key, window_start, window_end, customer_id, email
+                FROM {self.audit_table}
+                WHERE dag_id = :dag_id AND status = :failed
+                  AND window_start >= :since AND window_end <= :before
+                """
+            )
+            .bindparams(bindparam("since", type_=DateTime()), bindparam("before", type_=DateTime()))
+            .columns(
+                user_key=String(),
+                window_start=DateTime(),
+                window_end=DateTime(),
+                customer_id=String(),
+                email=String(),
+            )
+        )
+        insert = text(
+            f"""
+            INSERT INTO {self.staging_table}
+                (dag_id, run_id, user_key, window_start, window_end, bucket, customer_id, email,
+                 status, attempts, error)
+            VALUES (:dag_id, :run_id, :user_key, :window_start, :window_end, :bucket, :customer_id,
+                    :email, :pending, 0, NULL)
+            ON CONFLICT (dag_id, run_id, user_key) DO NOTHING
+            """
+        ).bindparams(bindparam("window_start", type_=DateTime()), bindparam("window_end", type_=DateTime()))
+        from blueshift.validation import BUCKETS
+
+        params = {
+            "dag_id": dag_id,
+            "failed": Status.FAILED.value,
+            "since": utc_naive(since),
+            "before": utc_naive(before),
+        }
+        with self.engine.begin() as conn:
+            rows = [
+                {
+                    "dag_id": dag_id,
+                    "run_id": run_id,
+                    "user_key": row.user_key,
+                    "window_start": row.window_start,
+                    "window_end": row.window_end,
+                    "bucket": int(row.user_key[:8], 16) % BUCKETS,
+                    "customer_id": row.customer_id,
+                    "email": row.email,
+                    "pending": Status.PENDING.value,
+                }
+                for row in conn.execute(select, params)
+            ]
+            before_count = self._count_staged(conn, dag_id, run_id)
+            if rows:
+                conn.execute(insert, rows)
+            return self._count_staged(conn, dag_id, run_id) - before_count
+
+    def _count_staged(self, conn: Connection, dag_id: str, run_id: str) -> int:
+        return int(
+            conn.execute(
+                text(
+                    f"SELECT COUNT(*) FROM {self.staging_table} WHERE dag_id = :dag_id AND run_id = :run_id"
+                ),
+                {"dag_id": dag_id, "run_id": run_id},
+            ).scalar_one()
+        )
+
+    def count_failed(self, dag_id: str, *, since: datetime, before: datetime) -> int:
+        """Return how many audit rows are ``failed`` in windows starting in ``[since, before)``."""
+        statement = text(
+            f"SELECT COUNT(*) FROM {self.audit_table} WHERE dag_id = :dag_id AND status = :failed "
+            "AND window_start >= :since AND window_start < :before"
+        ).bindparams(bindparam("since", type_=DateTime()), bindparam("before", type_=DateTime()))
+        with self.engine.connect() as conn:
+            return int(
+                conn.execute(
+                    statement,
+                    {
+                        "dag_id": dag_id,
+                        "failed": Status.FAILED.value,
+                        "since": utc_naive(since),
+                        "before": utc_naive(before),
+                    },
+                ).scalar_one()
+            )
+
     def staged_counts(self, dag_id: str, run_id: str) -> dict[str, int]:
         """Return the number of staged users of the run per status."""
         with self.engine.connect() as conn:
@@ -273,12 +396,22 @@ class Warehouse:
         with self.engine.begin() as conn:
             conn.execute(statement, rows)
 
-    def publish_audit(self, dag_id: str, run_id: str, *, now: datetime | None = None) -> None:
+    def publish_audit(
+        self,
+        dag_id: str,
+        run_id: str,
+        *,
+        now: datetime | None = None,
+        carry_over_since: datetime | None = None,
+    ) -> None:
         """
         Upsert the run's users into the audit table, one row per (dag, window, user), atomically.
 
         Users still ``pending`` belong to a chunk task that did not finish: they are audited
-        ``failed``. A ``dry_run`` outcome never overwrites a real one.
+        ``failed``. A ``dry_run`` outcome never overwrites a real one; ``skipped`` users (already
+        succeeded for the window) keep the row of the run that sent them. With
+        ``carry_over_since``, a user who succeeded now also closes its ``failed`` rows of earlier
+        windows since then (it was sent once, for both).
         """
         statement = text(
             f"""
@@ -291,14 +424,15 @@ class Warehouse:
                    CASE WHEN status = :pending THEN :not_finished ELSE error END,
                    :now, :now
             FROM {self.staging_table}
-            WHERE dag_id = :dag_id AND run_id = :run_id
+            WHERE dag_id = :dag_id AND run_id = :run_id AND status <> :skipped
             ON CONFLICT (dag_id, window_start, window_end, user_key) DO UPDATE SET
                 run_id = excluded.run_id,
                 customer_id = excluded.customer_id,
                 email = excluded.email,
                 status = excluded.status,
                 http_status = excluded.http_status,
-                attempts = excluded.attempts,
+                attempts = CASE WHEN audit.run_id = excluded.run_id THEN excluded.attempts
+                                ELSE audit.attempts + excluded.attempts END,
                 error = excluded.error,
                 updated_at = excluded.updated_at
             WHERE audit.status = :dry_run OR excluded.status <> :dry_run
@@ -310,15 +444,35 @@ class Warehouse:
             "pending": Status.PENDING.value,
             "failed": Status.FAILED.value,
             "dry_run": Status.DRY_RUN.value,
+            "skipped": Status.SKIPPED.value,
             "not_finished": CHUNK_TASK_DID_NOT_FINISH,
             "now": utc_naive(now or datetime.now(UTC)),
         }
+        close_earlier = text(
+            f"""
+            UPDATE {self.audit_table}
+            SET status = :succeeded, run_id = :run_id, http_status = 200, error = NULL, updated_at = :now
+            WHERE dag_id = :dag_id AND status = :failed AND window_start >= :since
+              AND user_key IN (
+                SELECT user_key FROM {self.staging_table}
+                WHERE dag_id = :dag_id AND run_id = :run_id AND status = :succeeded
+              )
+            """
+        ).bindparams(bindparam("now", type_=DateTime()), bindparam("since", type_=DateTime()))
         with self.engine.begin() as conn:
             conn.execute(statement, params)
-
-    def drop_run(self, dag_id: str, run_id: str, conn: Connection | None = None) -> None:
-        """Delete the run's staged users once the audit holds them."""
-        self.reset_run(dag_id, run_id)
+            if carry_over_since is not None:
+                conn.execute(
+                    close_earlier,
+                    {
+                        "dag_id": dag_id,
+                        "run_id": run_id,
+                        "succeeded": Status.SUCCEEDED.value,
+                        "failed": Status.FAILED.value,
+                        "now": params["now"],
+                        "since": utc_naive(carry_over_since),
+                    },
+                )
 
     def audit_counts(self, dag_id: str, run_id: str) -> dict[str, int]:
         """Return the audit's rows per status for the users staged by this run."""

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import base64
+import json
 from collections import Counter
 from datetime import datetime
+
+import pytest
 
 from tests.conftest import API_KEY
 from tests.dags.conftest import audit_rows, seed_source, users_of_day
@@ -104,17 +107,35 @@ def test_dry_run_sends_nothing_and_audits_dry_run(warehouse_db, standin, run_dag
     assert all(row["attempts"] == 0 for row in rows)
 
 
-def test_rerunning_a_window_keeps_one_audit_row_per_user(warehouse_db, standin, run_dag):
-    seed_source(warehouse_db.url, users_of_day("2026-11-24", 40))
+def test_rerunning_a_window_sends_only_what_did_not_succeed(warehouse_db, standin, run_dag):
+    users = users_of_day("2026-11-24", 40)
+    seed_source(warehouse_db.url, users)
+    standin.state.config.fixed = {users[0][0]: 503}
     first = run_dag(warehouse_db, standin, logical_date=datetime(2026, 11, 25))
-    second = run_dag(warehouse_db, standin, logical_date=datetime(2026, 11, 25))
-    dry = run_dag(warehouse_db, standin, logical_date=datetime(2026, 11, 25), conf={"dry_run": True})
+    assert first.state == "failed"
+    sent_first = standin.state.requests
 
-    assert first.state == second.state == dry.state == "success"
+    standin.state.config.fixed = {}
+    second = run_dag(warehouse_db, standin, logical_date=datetime(2026, 11, 25))
+    assert second.state == "success"
+    assert standin.state.requests == sent_first + 1, "only the failed user is sent again"
+    assert "39 already succeeded" in second.output
+
+    dry = run_dag(warehouse_db, standin, logical_date=datetime(2026, 11, 25), conf={"dry_run": True})
+    assert dry.state == "success"
+    assert standin.state.requests == sent_first + 1
+
+    forced = run_dag(warehouse_db, standin, logical_date=datetime(2026, 11, 25), conf={"force": True})
+    assert forced.state == "success"
+    assert standin.state.requests == sent_first + 1 + 40, "force re-sends everyone"
+
     rows = audit_rows(warehouse_db.url)
     assert len(rows) == 40
     assert len({(row["window_start"], row["user_key"]) for row in rows}) == 40
     assert {row["status"] for row in rows} == {"succeeded"}, "a dry run never overwrites a real outcome"
+    by_id = {row["customer_id"]: row for row in rows}
+    assert by_id[users[0][0]]["attempts"] == 4 + 1 + 1
+    assert by_id[users[1][0]]["attempts"] == 1 + 1
 
 
 def test_user_left_failed_fails_the_run(warehouse_db, standin, run_dag):
@@ -162,3 +183,39 @@ def test_empty_window_succeeds_with_nothing_to_do(warehouse_db, standin, run_dag
     assert result.task_states["start_tracking"] == ["skipped"]
     assert audit_rows(warehouse_db.url) == []
     assert standin.state.requests == 0
+
+
+def test_bad_param_is_refused_before_anything_is_sent(sqlite_warehouse, standin, run_dag):
+    from airflow.sdk.exceptions import ParamValidationError
+
+    seed_source(sqlite_warehouse.url, users_of_day("2026-11-24", 5))
+    with pytest.raises(ParamValidationError, match="chunk_size"):
+        run_dag(sqlite_warehouse, standin, logical_date=datetime(2026, 11, 25), conf={"chunk_size": 3})
+    assert standin.state.requests == 0
+
+
+def test_failure_alert_goes_through_the_configured_notifier(sqlite_warehouse, standin, run_dag, tmp_path):
+    users = users_of_day("2026-11-24", 12)
+    seed_source(sqlite_warehouse.url, users)
+    standin.state.config.fixed = {users[0][0]: 500, users[1][0]: 500}
+    alert_file = tmp_path / "alert.txt"
+
+    result = run_dag(
+        sqlite_warehouse,
+        standin,
+        logical_date=datetime(2026, 11, 25),
+        settings={
+            "BLUESHIFT_ALERT_NOTIFIER": "tests.dags.notifier.FileNotifier",
+            "BLUESHIFT_ALERT_NOTIFIER_KWARGS": json.dumps(
+                {"path": str(alert_file), "text": "{subject}\n{message}"}
+            ),
+        },
+    )
+
+    assert result.state == "failed"
+    alert = alert_file.read_text()
+    assert "blueshift_start_tracking failed for window 2026-11-24" in alert
+    assert "succeeded 10" in alert and "failed 2" in alert
+    assert "BlueshiftRunIncomplete" in alert
+    _assert_no_secrets_or_emails(alert, [email for _, email, _ in users])
+    assert "ALERT [Airflow] blueshift_start_tracking failed" in result.output
