@@ -194,9 +194,9 @@ class AirflowStack:
                 if (run_ids is None or run["dag_run_id"] in run_ids)
                 and (run_type is None or run["run_type"] == run_type)
             ]
-            if runs and all(run["state"] in ("success", "failed") for run in runs):
-                if run_ids is None or {run["dag_run_id"] for run in runs} == run_ids:
-                    return runs
+            finished = runs and all(run["state"] in ("success", "failed") for run in runs)
+            if finished and (run_ids is None or {run["dag_run_id"] for run in runs} == run_ids):
+                return runs
             time.sleep(2)
         raise TimeoutError(f"runs did not finish in time: {self.dag_runs(dag_id)}\n" + self.logs_tail())
 
