@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 from typing import Any
 from urllib.parse import urlparse
 
@@ -84,10 +85,16 @@ class BlueshiftHook(HttpHook):
                 f"Connection {self.blueshift_conn_id!r} has no host: set it to {REGION_HOSTS['us']} (US) "
                 f"or {REGION_HOSTS['eu']} (EU)"
             )
-        if parsed.scheme != "https" and not _is_loopback(parsed.hostname):
+        allowed = {
+            host.strip()
+            for host in os.environ.get("BLUESHIFT_ALLOW_HTTP_HOSTS", "").split(",")
+            if host.strip()
+        }
+        if parsed.scheme != "https" and not _is_loopback(parsed.hostname) and parsed.hostname not in allowed:
             raise BlueshiftConfigError(
                 f"Connection {self.blueshift_conn_id!r} uses {parsed.scheme}:// for {parsed.hostname}: "
-                "the API key is only sent over https (plain http is allowed for loopback test servers); "
+                "the API key is only sent over https (plain http only to loopback, or to test hosts "
+                "listed in BLUESHIFT_ALLOW_HTTP_HOSTS); "
                 f"set the host to {REGION_HOSTS['us']} or {REGION_HOSTS['eu']}"
             )
 

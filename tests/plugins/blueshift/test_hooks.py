@@ -122,3 +122,11 @@ def test_tls_verification_cannot_be_turned_off_for_real_hosts(monkeypatch):
     _set_conn(monkeypatch, host=REGION_HOSTS["us"], login=KEY, extra={"verify": False})
     with pytest.raises(BlueshiftConfigError, match="TLS certificate checks"):
         BlueshiftHook().get_conn()
+
+
+def test_plain_http_to_a_listed_test_host(monkeypatch):
+    _set_conn(monkeypatch, host="http://blueshift-standin:8099", login=KEY)
+    with pytest.raises(BlueshiftConfigError, match="BLUESHIFT_ALLOW_HTTP_HOSTS"):
+        BlueshiftHook().get_conn()
+    monkeypatch.setenv("BLUESHIFT_ALLOW_HTTP_HOSTS", "blueshift-standin")
+    assert BlueshiftHook().get_conn() is not None
