@@ -48,7 +48,9 @@ def test_services_of_a_celery_deployment(compose):
     assert common["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("postgresql")
     assert common["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == "http://airflow-apiserver:8080/execution/"
     worker = services["airflow-worker"]
-    assert "container_name" not in worker and "ports" not in worker, "--scale airflow-worker=N needs both absent"
+    assert "container_name" not in worker and "ports" not in worker, (
+        "--scale airflow-worker=N needs both absent"
+    )
     volumes = compose["x-airflow-common"]["volumes"]
     assert "./dags:/opt/airflow/dags" in volumes and "./plugins:/opt/airflow/plugins" in volumes
 
