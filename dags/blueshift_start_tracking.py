@@ -25,7 +25,7 @@ from typing import Any
 
 from airflow.sdk import CronDataIntervalTimetable, Param, TriggerRule, dag, get_current_context, task
 
-from blueshift.alerts import notify_failure
+from blueshift.alerts import notify_failure, notify_run_failure
 from blueshift.operators import BlueshiftStartTrackingOperator
 from blueshift.settings import Settings
 
@@ -38,6 +38,10 @@ SETTINGS = Settings.from_env()
     start_date=datetime(2026, 1, 1, tzinfo=UTC),
     catchup=False,
     max_active_runs=3,
+    # A run that cannot finish (e.g. its chunk tasks wait for a pool that does not exist) fails
+    # after this long and alerts, instead of waiting silently.
+    dagrun_timeout=timedelta(minutes=SETTINGS.run_timeout_minutes),
+    on_failure_callback=notify_run_failure,
     render_template_as_native_obj=True,
     default_args={
         "owner": "data-engineering",

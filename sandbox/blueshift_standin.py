@@ -239,6 +239,13 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 256
     state: StandInState
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that goes away (a killed task, a timeout) is normal here, not an error to print.
+        import sys
+
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
 
 class StandIn:
     """The stand-in server on a background thread: ``with StandIn(config) as server: server.url``."""

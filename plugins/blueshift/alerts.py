@@ -61,8 +61,31 @@ def _fill(value: Any, subject: str, message: str) -> Any:
 
 
 def notify_failure(context: Any) -> None:
-    """``on_failure_callback``: log the alert and send it through the configured notifier, if any."""
+    """``on_failure_callback`` of ``audit``: log the alert and send it through the configured notifier."""
     subject, message = build_alert(context)
+    _send(context, subject, message)
+
+
+def notify_run_failure(context: Any) -> None:
+    """DAG ``on_failure_callback``: alert for runs that failed without a task failing (timed out).
+
+    A failed task always fails ``audit`` too, whose own callback has already alerted with counts.
+    """
+    reason = context.get("reason")
+    if reason == "task_failure":
+        return
+    settings = Settings.from_env()
+    subject, message = build_alert(context)
+    message += (
+        f"\nreason: {reason}. The run did not finish within BLUESHIFT_RUN_TIMEOUT_MINUTES="
+        f"{settings.run_timeout_minutes}. If its start_tracking tasks stayed 'scheduled', the pool "
+        f"{settings.pool!r} is missing or full: create it with "
+        f'`airflow pools set {settings.pool} {settings.pool_slots} "Blueshift API"` and clear the run.'
+    )
+    _send(context, subject, message)
+
+
+def _send(context: Any, subject: str, message: str) -> None:
     log.error("ALERT %s\n%s", subject, message)
     settings = Settings.from_env()
     if not settings.alert_notifier:

@@ -84,6 +84,7 @@ class Settings:
     retry_delay_seconds: int = 60
     max_chunks: int = 256
     carry_over_days: int = 7
+    run_timeout_minutes: int = 720
     alert_notifier: str = ""
     alert_notifier_kwargs: str = "{}"
 
@@ -104,6 +105,7 @@ class Settings:
             "retry_delay_seconds": _non_negative_int,
             "max_chunks": _positive_int,
             "carry_over_days": _non_negative_int,
+            "run_timeout_minutes": _positive_int,
             "alert_notifier_kwargs": _json_object,
         }
         values: dict[str, Any] = {}

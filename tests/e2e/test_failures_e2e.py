@@ -1,0 +1,142 @@
+"""Failures on a real Airflow: a chunk task killed mid-chunk, and a pool that does not exist."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import API_KEY
+from tests.dags.conftest import audit_rows, seed_source, users_of_day
+from tests.e2e.airflow_stack import AirflowStack
+
+DAG_ID = "blueshift_start_tracking"
+
+
+def _stack(warehouse, standin, **settings: str) -> AirflowStack:
+    env = {
+        "AIRFLOW_CONN_WAREHOUSE_DEFAULT": warehouse.conn_json,
+        "AIRFLOW_CONN_BLUESHIFT_DEFAULT": json.dumps(
+            {"conn_type": "http", "host": standin.url, "login": API_KEY}
+        ),
+        "BLUESHIFT_BACKOFF_BASE_SECONDS": "0.01",
+        "BLUESHIFT_BACKOFF_CAP_SECONDS": "0.05",
+        "BLUESHIFT_RETRY_DELAY_SECONDS": "1",
+        **settings,
+    }
+    return AirflowStack(env, pool_slots=int(settings.get("BLUESHIFT_POOL_SLOTS", "4")))
+
+
+@pytest.fixture
+def crash_stack(postgres_warehouse, standin) -> Iterator[AirflowStack]:
+    stack = _stack(
+        postgres_warehouse,
+        standin,
+        BLUESHIFT_RATE_LIMIT="40",
+        BLUESHIFT_POOL_SLOTS="1",
+        BLUESHIFT_TASK_RETRIES="2",
+    )
+    try:
+        yield stack.start()
+    finally:
+        stack.stop()
+
+
+def _sending_pids(port: int) -> set[int]:
+    """PIDs of processes with an open connection to the stand-in: the chunk task sending."""
+    pids = set()
+    for connection in psutil.net_connections(kind="tcp"):
+        if (
+            connection.raddr
+            and connection.raddr.port == port
+            and connection.pid
+            and connection.pid != os.getpid()
+        ):
+            pids.add(connection.pid)
+    return pids
+
+
+def test_chunk_killed_mid_chunk_is_finished_by_airflow_retry(crash_stack, postgres_warehouse, standin):
+    users = users_of_day("2026-11-24", 200)
+    seed_source(postgres_warehouse.url, users)
+    crash_stack.wait_for_dag(DAG_ID)
+    crash_stack.api("PATCH", f"/dags/{DAG_ID}", json={"is_paused": False})
+    run = crash_stack.api(
+        "POST",
+        f"/dags/{DAG_ID}/dagRuns",
+        json={"logical_date": "2026-11-25T00:00:00Z", "conf": {"chunk_size": 200}},
+    )
+    port = int(standin.url.rsplit(":", 1)[1])
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and standin.state.requests < 40:
+        time.sleep(0.2)
+    assert standin.state.requests >= 40, crash_stack.logs_tail()
+    victims = _sending_pids(port)
+    assert victims, "the chunk task's process was found by its connection to the stand-in"
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    killed_at = standin.state.requests
+    assert killed_at < len(users), "killed mid-chunk"
+
+    finished = crash_stack.wait_for_runs(DAG_ID, {run["dag_run_id"]}, timeout=400)
+    assert finished[0]["state"] == "success", crash_stack.logs_tail()
+    tries = [
+        ti["try_number"]
+        for ti in crash_stack.task_instances(DAG_ID, run["dag_run_id"])
+        if ti["task_id"] == "start_tracking"
+    ]
+    assert tries == [2], "Airflow's retry finished the chunk"
+    rows = audit_rows(postgres_warehouse.url)
+    assert len(rows) == len(users)
+    assert Counter(row["status"] for row in rows) == {"succeeded": len(users)}
+    applied = Counter(user["customer_id"] for user in standin.state.snapshot()["applied"])
+    assert set(applied) == {row[0] for row in users}
+    resent = sum(count - 1 for count in applied.values())
+    print(
+        f"SIGKILL after {killed_at} requests: {len(users)} users audited succeeded, {resent} re-sent by retry"
+    )
+    assert resent <= 40, "the retry re-sends only what the killed try had not recorded"
+
+
+@pytest.fixture
+def missing_pool_stack(postgres_warehouse, standin, tmp_path) -> Iterator[tuple[AirflowStack, Path]]:
+    alert = tmp_path / "alert.txt"
+    stack = _stack(
+        postgres_warehouse,
+        standin,
+        BLUESHIFT_POOL="blueshift_pool_nobody_created",
+        BLUESHIFT_RUN_TIMEOUT_MINUTES="1",
+        BLUESHIFT_ALERT_NOTIFIER="tests.dags.notifier.FileNotifier",
+        BLUESHIFT_ALERT_NOTIFIER_KWARGS=json.dumps({"path": str(alert), "text": "{subject}\n{message}"}),
+    )
+    try:
+        yield stack.start(), alert
+    finally:
+        stack.stop()
+
+
+def test_missing_pool_fails_the_run_with_an_alert_that_names_the_fix(
+    missing_pool_stack, postgres_warehouse, standin
+):
+    stack, alert = missing_pool_stack
+    seed_source(postgres_warehouse.url, users_of_day("2026-11-24", 20))
+    stack.wait_for_dag(DAG_ID)
+    stack.api("PATCH", f"/dags/{DAG_ID}", json={"is_paused": False})
+    run = stack.api("POST", f"/dags/{DAG_ID}/dagRuns", json={"logical_date": "2026-11-25T00:00:00Z"})
+
+    finished = stack.wait_for_runs(DAG_ID, {run["dag_run_id"]}, timeout=240)
+    assert finished[0]["state"] == "failed"
+    assert standin.state.requests == 0, "nothing is sent"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not alert.exists():
+        time.sleep(1)
+    text = alert.read_text()
+    assert "timed_out" in text
+    assert "airflow pools set blueshift_pool_nobody_created" in text
