@@ -33,13 +33,13 @@ demo: install ## Seed a SQLite warehouse, start the stand-in, run the DAG for on
 	@export AIRFLOW_HOME=$(DEMO)/airflow \
 	  AIRFLOW_CONN_WAREHOUSE_DEFAULT='{"conn_type": "sqlite", "host": "$(DEMO)/warehouse.db"}' \
 	  AIRFLOW_CONN_BLUESHIFT_DEFAULT='{"conn_type": "http", "host": "http://127.0.0.1:$(STANDIN_PORT)", "login": "demo-key"}' \
-	  BLUESHIFT_POOL_SLOTS=1 PATH=$(CURDIR)/$(BIN):$$PATH; \
+	  PATH=$(CURDIR)/$(BIN):$$PATH; \
 	$(BIN)/python sandbox/blueshift_standin.py --port $(STANDIN_PORT) --api-key demo-key \
 	  --fault-rate 0.05 --seed 7 --fixed CUST-REJECT=422 & STANDIN=$$!; \
 	trap "kill $$STANDIN 2>/dev/null" EXIT; \
 	echo "Migrating the Airflow metadata DB in $(DEMO)/airflow ..."; \
 	airflow db migrate > $(DEMO)/migrate.log 2>&1 || { tail -20 $(DEMO)/migrate.log; exit 1; }; \
-	airflow pools set blueshift_api 1 "Blueshift API: its slots share BLUESHIFT_RATE_LIMIT" > /dev/null; \
+	airflow pools set blueshift_api 4 "Blueshift API: chunk tasks at once, sharing BLUESHIFT_RATE_LIMIT" > /dev/null; \
 	echo "Running blueshift_start_tracking for the window [$(DEMO_DAY), $(DEMO_DATE)); log in $(DEMO)/dag_test.log ..."; \
 	airflow dags test blueshift_start_tracking $(DEMO_DATE) > $(DEMO)/dag_test.log 2>&1; RC=$$?; \
 	echo "DAG run state: $$(grep -oE 'DagRun Finished: .*state=[a-z]+' $(DEMO)/dag_test.log | grep -oE '[a-z]+$$' | tail -1)"; \

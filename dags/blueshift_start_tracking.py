@@ -123,7 +123,7 @@ def blueshift_start_tracking() -> None:
         dry_run_enabled="{{ params.dry_run }}",
         blueshift_conn_id=SETTINGS.conn_id,
         warehouse_conn_id=SETTINGS.warehouse_conn_id,
-        rate_limit=SETTINGS.rate_per_task,
+        rate_limit=SETTINGS.rate_limit,
         max_in_flight=SETTINGS.max_in_flight,
         max_attempts=SETTINGS.max_attempts,
         backoff_base_seconds=SETTINGS.backoff_base_seconds,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import requests
 from airflow.sdk import BaseOperator
 
+from blueshift.budget import SharedBudget
 from blueshift.exceptions import BlueshiftAuthError, BlueshiftChunkIncomplete, BlueshiftConfigError
 from blueshift.hooks import BlueshiftHook
 from blueshift.outcomes import Status, Verdict, classify, redact
@@ -96,7 +98,8 @@ class BlueshiftStartTrackingOperator(BaseOperator):
     :param warehouse_conn_id: common-sql connection holding the staging table.
     :param dry_run_enabled: mark the chunk ``dry_run`` without sending anything (templated; the
         DAG passes its ``dry_run`` param).
-    :param rate_limit: requests/s this task may spend (its share of the global budget).
+    :param rate_limit: the global budget in requests/s, shared with every other chunk task running
+        (any run) through leases in the warehouse; this task spends ``rate_limit / tasks running``.
     :param max_in_flight: requests in flight at once.
     :param max_attempts: attempts per user inside the task, the first included.
     :param backoff_base_seconds: first backoff ceiling; it doubles per attempt.
@@ -119,7 +122,7 @@ class BlueshiftStartTrackingOperator(BaseOperator):
         blueshift_conn_id: str = BlueshiftHook.default_conn_name,
         warehouse_conn_id: str = "warehouse_default",
         dry_run_enabled: bool | str = False,
-        rate_limit: float = 12.5,
+        rate_limit: float = 50.0,
         max_in_flight: int = 16,
         max_attempts: int = 5,
         backoff_base_seconds: float = 0.5,
@@ -155,17 +158,15 @@ class BlueshiftStartTrackingOperator(BaseOperator):
         warehouse = Warehouse(
             self.warehouse_conn_id, audit_table=self.audit_table, staging_table=self.staging_table
         )
-        users = warehouse.load_chunk(
-            dag_id, run_id, int(self.chunk["bucket_lo"]), int(self.chunk["bucket_hi"])
-        )
-        self.log.info("Chunk %s: %d users to send (dry run: %s)", chunk_id, len(users), dry_run)
-        progress = ChunkProgress(total=len(users))
+        bucket_lo, bucket_hi = int(self.chunk["bucket_lo"]), int(self.chunk["bucket_hi"])
         if dry_run:
-            outcomes = [_outcome(key, Status.DRY_RUN, None, 0, None) for key, _, _ in users]
-            warehouse.record_outcomes(dag_id, run_id, outcomes)
-            for _ in outcomes:
-                progress.count_outcome(Status.DRY_RUN.value)
+            marked = warehouse.mark_chunk(dag_id, run_id, bucket_lo, bucket_hi, Status.DRY_RUN.value)
+            self.log.info("Chunk %s: dry run, %d users marked dry_run, nothing sent", chunk_id, marked)
+            progress = ChunkProgress(total=marked, done=marked, by_status={Status.DRY_RUN.value: marked})
             return self._summary(chunk_id, progress)
+        users = warehouse.load_chunk(dag_id, run_id, bucket_lo, bucket_hi)
+        self.log.info("Chunk %s: %d users to send", chunk_id, len(users))
+        progress = ChunkProgress(total=len(users))
         if not users:
             return self._summary(chunk_id, progress)
 
@@ -177,7 +178,7 @@ class BlueshiftStartTrackingOperator(BaseOperator):
         )
         try:
             hook.get_conn()  # resolve the connection and key before any request
-            refused = self._send_all(hook, warehouse, dag_id, run_id, users, progress)
+            refused = self._send_all(hook, warehouse, dag_id, run_id, users, progress, _holder(context))
         finally:
             hook.close()
 
@@ -210,9 +211,28 @@ class BlueshiftStartTrackingOperator(BaseOperator):
         run_id: str,
         users: list[tuple[str, str | None, str | None]],
         progress: ChunkProgress,
+        holder: str,
     ) -> int | None:
         """Send every user; return the 401/403 status if the key was refused, else None."""
         limiter = AdaptiveRateLimiter(self.rate_limit)
+        budget = SharedBudget(warehouse, holder, self.rate_limit)
+        budget.join(limiter)
+        try:
+            return self._send_with(hook, warehouse, dag_id, run_id, users, progress, limiter, budget)
+        finally:
+            budget.leave()
+
+    def _send_with(
+        self,
+        hook: BlueshiftHook,
+        warehouse: Warehouse,
+        dag_id: str,
+        run_id: str,
+        users: list[tuple[str, str | None, str | None]],
+        progress: ChunkProgress,
+        limiter: AdaptiveRateLimiter,
+        budget: SharedBudget,
+    ) -> int | None:
         breaker = CircuitBreaker()
         stop = threading.Event()
         refused: list[int] = []
@@ -240,6 +260,7 @@ class BlueshiftStartTrackingOperator(BaseOperator):
                         remaining.pop(outcome["user_key"], None)
                         pending.append(outcome)
                         progress.count_outcome(outcome["status"])
+                budget.refresh(limiter)
                 now = time.monotonic()
                 if len(pending) >= FLUSH_EVERY_OUTCOMES or now - last_flush >= FLUSH_EVERY_SECONDS:
                     warehouse.record_outcomes(dag_id, run_id, pending)
@@ -317,11 +338,12 @@ class BlueshiftStartTrackingOperator(BaseOperator):
 
     def _report(self, progress: ChunkProgress, elapsed: float, limiter: AdaptiveRateLimiter) -> None:
         self.log.info(
-            "Sent %d of %d users (%.1f req/s, pace %.1f/s, %d throttled, %d requests)",
+            "Sent %d of %d users (%.1f req/s, pace %.1f/s of a %.1f/s share, %d throttled, %d requests)",
             progress.done,
             progress.total,
             progress.requests / elapsed if elapsed > 0 else 0.0,
             limiter.rate,
+            limiter.max_rate,
             progress.throttled,
             progress.requests,
         )
@@ -346,6 +368,14 @@ def _outcome(
         "attempts": attempts,
         "error": error,
     }
+
+
+def _holder(context: Any) -> str:
+    """Return a unique id of this task try, for its budget lease."""
+    ti = context.get("ti")
+    if ti is None:
+        return f"{context['run_id']}/{uuid.uuid4().hex}"
+    return f"{ti.dag_id}/{ti.run_id}/{ti.task_id}/{ti.map_index}/{ti.try_number}"
 
 
 def _format_counts(counts: dict[str, int]) -> str:

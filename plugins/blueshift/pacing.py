@@ -54,6 +54,14 @@ class AdaptiveRateLimiter:
         if wait > 0:
             self._sleep(wait)
 
+    def set_max_rate(self, max_rate: float) -> None:
+        """Change the ceiling (this task's share of a shared budget); the pace scales with it."""
+        with self._lock:
+            if max_rate <= 0 or max_rate == self.max_rate:
+                return
+            self.rate = max(self.min_rate, min(max_rate, self.rate * max_rate / self.max_rate))
+            self.max_rate = max_rate
+
     def on_success(self) -> None:
         """Recover additively after a good answer."""
         with self._lock:

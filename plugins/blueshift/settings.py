@@ -131,8 +131,3 @@ class Settings:
         """Return the alert notifier's keyword arguments."""
         parsed: dict[str, Any] = json.loads(self.alert_notifier_kwargs)
         return parsed
-
-    @property
-    def rate_per_task(self) -> float:
-        """Requests/s one chunk task may spend: the pool's slots share the global budget."""
-        return self.rate_limit / self.pool_slots

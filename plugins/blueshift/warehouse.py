@@ -56,6 +56,7 @@ class Warehouse:
         self.conn_id = conn_id
         self.audit_table = validate_identifier(audit_table, "BLUESHIFT_AUDIT_TABLE")
         self.staging_table = validate_identifier(staging_table, "BLUESHIFT_STAGING_TABLE")
+        self.lease_table = f"{self.staging_table}_leases"
 
     @cached_property
     def engine(self) -> Engine:
@@ -132,6 +133,16 @@ class Warehouse:
                         PRIMARY KEY (dag_id, window_start, window_end, user_key)
                     )
                     """
+                )
+            )
+
+    def ensure_lease_table(self) -> None:
+        """Create the table of budget leases (see ``blueshift.budget``) if it does not exist."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                text(
+                    f"CREATE TABLE IF NOT EXISTS {self.lease_table} "
+                    "(holder VARCHAR(500) PRIMARY KEY, heartbeat_at TIMESTAMP NOT NULL)"
                 )
             )
 
@@ -375,6 +386,30 @@ class Warehouse:
                 },
             )
             return [(str(key), customer_id, email) for key, customer_id, email in result]
+
+    def mark_chunk(self, dag_id: str, run_id: str, bucket_lo: int, bucket_hi: int, status: str) -> int:
+        """Set ``status`` on every unfinished user of a chunk in one statement; return how many."""
+        statement = text(
+            f"""
+            UPDATE {self.staging_table} SET status = :status
+            WHERE dag_id = :dag_id AND run_id = :run_id AND bucket BETWEEN :lo AND :hi
+              AND status IN (:pending, :failed)
+            """
+        )
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                statement,
+                {
+                    "status": status,
+                    "dag_id": dag_id,
+                    "run_id": run_id,
+                    "lo": bucket_lo,
+                    "hi": bucket_hi,
+                    "pending": Status.PENDING.value,
+                    "failed": Status.FAILED.value,
+                },
+            )
+            return int(result.rowcount)
 
     def record_outcomes(self, dag_id: str, run_id: str, outcomes: Sequence[dict[str, Any]]) -> None:
         """Write outcomes (``user_key, status, http_status, attempts, error``) in one transaction."""

@@ -64,14 +64,16 @@ def _sending_pids(port: int) -> set[int]:
 
 
 def test_chunk_killed_mid_chunk_is_finished_by_airflow_retry(crash_stack, postgres_warehouse, standin):
-    users = users_of_day("2026-11-24", 200)
+    users = users_of_day("2026-11-23", 200)
     seed_source(postgres_warehouse.url, users)
     crash_stack.wait_for_dag(DAG_ID)
+    # Unpausing creates the scheduled run of logical date 2026-11-25; a manual run with the same
+    # logical date at the same moment makes the scheduler fail on a unique key, so use another date.
     crash_stack.api("PATCH", f"/dags/{DAG_ID}", json={"is_paused": False})
     run = crash_stack.api(
         "POST",
         f"/dags/{DAG_ID}/dagRuns",
-        json={"logical_date": "2026-11-25T00:00:00Z", "conf": {"chunk_size": 200}},
+        json={"logical_date": "2026-11-24T00:00:00Z", "conf": {"chunk_size": 200}},
     )
     port = int(standin.url.rsplit(":", 1)[1])
     deadline = time.monotonic() + 180
@@ -126,10 +128,10 @@ def test_missing_pool_fails_the_run_with_an_alert_that_names_the_fix(
     missing_pool_stack, postgres_warehouse, standin
 ):
     stack, alert = missing_pool_stack
-    seed_source(postgres_warehouse.url, users_of_day("2026-11-24", 20))
+    seed_source(postgres_warehouse.url, users_of_day("2026-11-23", 20))
     stack.wait_for_dag(DAG_ID)
     stack.api("PATCH", f"/dags/{DAG_ID}", json={"is_paused": False})
-    run = stack.api("POST", f"/dags/{DAG_ID}/dagRuns", json={"logical_date": "2026-11-25T00:00:00Z"})
+    run = stack.api("POST", f"/dags/{DAG_ID}/dagRuns", json={"logical_date": "2026-11-24T00:00:00Z"})
 
     finished = stack.wait_for_runs(DAG_ID, {run["dag_run_id"]}, timeout=240)
     assert finished[0]["state"] == "failed"

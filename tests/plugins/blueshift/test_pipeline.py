@@ -85,7 +85,6 @@ def test_extract_sql_without_window_parameters_is_refused(tmp_path):
 def test_settings_defaults():
     settings = Settings.from_env({})
     assert settings.rate_limit == 50.0
-    assert settings.rate_per_task == 12.5
     assert settings.max_chunks <= 1024
 
 

@@ -1,0 +1,450 @@
+"""Benchmarks of the whole DAG on a real Airflow, against the stand-in: prints figures, asserts nothing.
+
+    python bench/run.py                      # every case, median of 3 runs each
+    python bench/run.py --cases budget --runs 1
+
+Cases (the throughput issue's goals in brackets):
+  budget    20,000 users, stand-in 100 ms latency and a 50 req/s limit answered with 429
+            [users/s / 50 >= 0.95, 429s <= 1% of requests]
+  speed     100,000 users, no limit, 20 ms latency, budget 10,000/s; and a one-request-at-a-time
+            loop over a sample of the same users [>= 1,000 users/s, >= 20x the loop]
+  backfill  a three-day backfill, three runs at once, 50 req/s budget
+            [busiest second <= budget + 10%, combined rate >= 0.9 x budget]
+  scale     1,000,000 and 100,000 users in one window, dry run [peak RSS of every task process
+            <= 500 MB, <= 256 mapped tasks, <= 1 MB XCom, time per user at 1M within 10% of 100k]
+
+Each run uses a real Airflow (api-server, scheduler, dag-processor, LocalExecutor, PostgreSQL
+metadata DB) and a PostgreSQL warehouse; the stand-in runs in its own process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psutil
+import psycopg
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "plugins"))
+
+from tests.e2e.airflow_stack import PG_ADMIN_DSN, AirflowStack, free_port  # noqa: E402
+
+DAG_ID = "blueshift_start_tracking"
+API_KEY = "bench-key-" + uuid.uuid4().hex[:8]
+
+
+class StandInProcess:
+    """The stand-in in its own process, driven over HTTP."""
+
+    def __init__(self, *args: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "sandbox" / "blueshift_standin.py"),
+                "--port",
+                str(self.port),
+                "--api-key",
+                API_KEY,
+                *args,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(self.url + "/_sandbox/state", timeout=2).ok:
+                    return
+            time.sleep(0.2)
+        raise RuntimeError("the stand-in did not start")
+
+    def state(self) -> dict[str, Any]:
+        return dict(requests.get(self.url + "/_sandbox/state", timeout=120).json())
+
+    def reset(self) -> None:
+        requests.post(self.url + "/_sandbox/reset", timeout=10).raise_for_status()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def warehouse_db() -> Iterator[tuple[str, str]]:
+    name = f"blueshift_bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    conn_json = json.dumps(
+        {"conn_type": "postgres", "host": "127.0.0.1", "port": 5432, "login": "postgres", "schema": name}
+    )
+    dsn = PG_ADMIN_DSN.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        yield conn_json, dsn
+    finally:
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def seed(dsn: str, days: dict[str, int]) -> None:
+    """Insert ``count`` users per day with COPY (fast enough for millions)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS reconsented_users "
+            "(customer_id TEXT NULL, email TEXT NULL, consented_at TIMESTAMP NOT NULL)"
+        )
+        for day, count in days.items():
+            buffer = io.StringIO()
+            for n in range(count):
+                second = n * 86_399 // max(count, 1)
+                clock = f"{second // 3600:02d}:{second // 60 % 60:02d}:{second % 60:02d}"
+                buffer.write(f"B-{day}-{n}\tb{n}.{day}@example.com\t{day} {clock}\n")
+            buffer.seek(0)
+            with conn.cursor().copy(
+                "COPY reconsented_users (customer_id, email, consented_at) FROM STDIN"
+            ) as copy:
+                copy.write(buffer.read())
+
+
+def make_stack(conn_json: str, standin: StandInProcess, **settings: str) -> AirflowStack:
+    env = {
+        "AIRFLOW_CONN_WAREHOUSE_DEFAULT": conn_json,
+        "AIRFLOW_CONN_BLUESHIFT_DEFAULT": json.dumps(
+            {"conn_type": "http", "host": standin.url, "login": API_KEY}
+        ),
+        "BLUESHIFT_TASK_RETRIES": "1",
+        "BLUESHIFT_RETRY_DELAY_SECONDS": "1",
+        **settings,
+    }
+    return AirflowStack(env, pool_slots=int(settings.get("BLUESHIFT_POOL_SLOTS", "4")), parallelism=8)
+
+
+def trigger(stack: AirflowStack, window_day: str, conf: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Trigger the run whose window is ``window_day`` (a manual run with logical date D covers D-1)."""
+    logical = (datetime.fromisoformat(window_day) + timedelta(days=1)).strftime("%Y-%m-%dT00:00:00Z")
+    run = stack.api("POST", f"/dags/{DAG_ID}/dagRuns", json={"logical_date": logical, "conf": conf or {}})
+    return dict(stack.wait_for_runs(DAG_ID, {run["dag_run_id"]}, timeout=7200)[0])
+
+
+def run_seconds(run: dict[str, Any]) -> float:
+    start = datetime.fromisoformat(run["start_date"])
+    end = datetime.fromisoformat(run["end_date"])
+    return (end - start).total_seconds()
+
+
+def send_window(state: dict[str, Any]) -> float:
+    seconds = [int(second) for second, count in state["per_second"].items() if count]
+    return float(max(seconds) - min(seconds) + 1) if seconds else 0.0
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+def case_budget(runs: int, users: int = 20_000) -> dict[str, Any]:
+    standin = StandInProcess("--rate-limit", "50", "--latency-ms", "100")
+    days = [f"2026-11-{10 + i:02d}" for i in range(runs)]
+    results = []
+    with warehouse_db() as (conn_json, dsn):
+        seed(dsn, dict.fromkeys(days, users))
+        stack = make_stack(conn_json, standin, BLUESHIFT_RATE_LIMIT="50", BLUESHIFT_POOL_SLOTS="4")
+        try:
+            stack.start()
+            stack.wait_for_dag(DAG_ID)
+            stack.api("PATCH", f"/dags/{DAG_ID}", json={"is_paused": False})
+            for day in days:
+                standin.reset()
+                run = trigger(stack, day)
+                state = standin.state()
+                throttled = state["statuses"].get("429", 0)
+                results.append(
+                    {
+                        "state": run["state"],
+                        "users_per_s_run": users / run_seconds(run),
+                        "users_per_s_sending": users / send_window(state),
+                        "throttled_share": throttled / max(state["requests"], 1),
+                        "busiest_second": state["busiest_second"],
+                        "run_seconds": run_seconds(run),
+                    }
+                )
+                print("budget run:", json.dumps(results[-1]), flush=True)
+        finally:
+            stack.stop()
+            standin.stop()
+    return {
+        "users": users,
+        "runs": results,
+        "median_users_per_s_run": median([r["users_per_s_run"] for r in results]),
+        "median_users_per_s_sending": median([r["users_per_s_sending"] for r in results]),
+        "ratio_run": median([r["users_per_s_run"] for r in results]) / 50,
+        "ratio_sending": median([r["users_per_s_sending"] for r in results]) / 50,
+        "max_throttled_share": max(r["throttled_share"] for r in results),
+    }
+
+
+def sequential_rate(standin: StandInProcess, sample: int) -> float:
+    """Users/s of a plain one-request-at-a-time loop with the same hook over the same stand-in."""
+    os.environ["AIRFLOW_CONN_BLUESHIFT_DEFAULT"] = json.dumps(
+        {"conn_type": "http", "host": standin.url, "login": API_KEY}
+    )
+    from blueshift.hooks import BlueshiftHook
+
+    hook = BlueshiftHook()
+    started = time.perf_counter()
+    for n in range(sample):
+        hook.start_tracking({"customer_id": f"SEQ-{n}", "email": f"seq{n}@example.com"})
+    elapsed = time.perf_counter() - started
+    hook.close()
+    return sample / elapsed
+
+
+def case_speed(runs: int, users: int = 100_000, sample: int = 2_000) -> dict[str, Any]:
+    standin = StandInProcess("--latency-ms", "20")
+    days = [f"2026-11-{10 + i:02d}" for i in range(runs)]
+    results = []
+    with warehouse_db() as (conn_json, dsn):
+        seed(dsn, dict.fromkeys(days, users))
+        stack = make_stack(
+            conn_json,
+            standin,
+            BLUESHIFT_RATE_LIMIT="10000",
+            BLUESHIFT_POOL_SLOTS="4",
+            BLUESHIFT_MAX_IN_FLIGHT="48",
+        )
+        try:
+            stack.start()
+            stack.wait_for_dag(DAG_ID)
+            stack.api("PATCH", f"/dags/{DAG_ID}", json={"is_paused": False})
+            for day in days:
+                standin.reset()
+                run = trigger(stack, day, {"chunk_size": 10_000})
+                state = standin.state()
+                sequential = sequential_rate(standin, sample)
+                result = {
+                    "state": run["state"],
+                    "users_per_s_run": users / run_seconds(run),
+                    "users_per_s_sending": users / send_window(state),
+                    "sequential_users_per_s": sequential,
+                    "run_seconds": run_seconds(run),
+                }
+                result["speedup_run"] = result["users_per_s_run"] / sequential
+                results.append(result)
+                print("speed run:", json.dumps(result), flush=True)
+        finally:
+            stack.stop()
+            standin.stop()
+    return {
+        "users": users,
+        "runs": results,
+        "median_users_per_s_run": median([r["users_per_s_run"] for r in results]),
+        "median_users_per_s_sending": median([r["users_per_s_sending"] for r in results]),
+        "median_sequential_users_per_s": median([r["sequential_users_per_s"] for r in results]),
+        "median_speedup_run": median([r["speedup_run"] for r in results]),
+    }
+
+
+def case_backfill(runs: int, users_per_day: int = 3_000) -> dict[str, Any]:
+    results = []
+    for index in range(runs):
+        standin = StandInProcess("--rate-limit", "50", "--latency-ms", "100")
+        days = ["2026-11-20", "2026-11-21", "2026-11-22"]
+        with warehouse_db() as (conn_json, dsn):
+            seed(dsn, dict.fromkeys(days, users_per_day))
+            stack = make_stack(conn_json, standin, BLUESHIFT_RATE_LIMIT="50", BLUESHIFT_POOL_SLOTS="4")
+            try:
+                stack.start()
+                stack.wait_for_dag(DAG_ID)
+                stack.api("PATCH", f"/dags/{DAG_ID}", json={"is_paused": False})
+                stack.wait_for_runs(DAG_ID, run_type="scheduled", timeout=600)
+                standin.reset()
+                backfill = stack.api(
+                    "POST",
+                    "/backfills",
+                    json={
+                        "dag_id": DAG_ID,
+                        "from_date": "2026-11-20T00:00:00Z",
+                        "to_date": "2026-11-22T00:00:00Z",
+                        "max_active_runs": 3,
+                    },
+                )
+                stack.wait_for_backfill(backfill["id"], timeout=7200)
+                state = standin.state()
+                runs_done = [r for r in stack.dag_runs(DAG_ID) if r["run_type"] == "backfill"]
+                total = users_per_day * len(days)
+                result = {
+                    "run": index + 1,
+                    "states": sorted(r["state"] for r in runs_done),
+                    "busiest_second": state["busiest_second"],
+                    "combined_users_per_s": total / send_window(state),
+                    "throttled": state["statuses"].get("429", 0),
+                    "requests": state["requests"],
+                }
+                results.append(result)
+                print("backfill run:", json.dumps(result), flush=True)
+            finally:
+                stack.stop()
+                standin.stop()
+    return {
+        "users": users_per_day * 3,
+        "runs": results,
+        "max_busiest_second": max(r["busiest_second"] for r in results),
+        "median_combined_users_per_s": median([r["combined_users_per_s"] for r in results]),
+        "ratio": median([r["combined_users_per_s"] for r in results]) / 50,
+    }
+
+
+class RssSampler:
+    """Peak RSS of every Airflow task process (the ones running under the scheduler)."""
+
+    def __init__(self, root_pids: Callable[[], list[int]]) -> None:
+        self.root_pids = root_pids
+        self.peaks: dict[int, tuple[float, str]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for root in self.root_pids():
+                with contextlib.suppress(psutil.Error):
+                    for child in psutil.Process(root).children(recursive=True):
+                        with contextlib.suppress(psutil.Error):
+                            rss = child.memory_info().rss / 2**20
+                            name = " ".join(child.cmdline()[:4])[:80]
+                            if rss > self.peaks.get(child.pid, (0.0, ""))[0]:
+                                self.peaks[child.pid] = (rss, name)
+            self._stop.wait(0.2)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak_mb(self) -> float:
+        return max((rss for rss, _ in self.peaks.values()), default=0.0)
+
+
+def xcom_bytes(stack: AirflowStack, run_id: str) -> int:
+    dsn = stack.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT COALESCE(SUM(pg_column_size(value)), 0) FROM xcom WHERE dag_id = %s AND run_id = %s",
+            (DAG_ID, run_id),
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def case_scale(runs: int, sizes: tuple[int, ...] = (100_000, 1_000_000)) -> dict[str, Any]:
+    standin = StandInProcess()
+    results: dict[int, list[dict[str, Any]]] = {size: [] for size in sizes}
+    with warehouse_db() as (conn_json, dsn):
+        days = {f"2026-10-{10 + i:02d}": size for i, size in enumerate(sizes)}
+        seed(dsn, days)
+        stack = make_stack(conn_json, standin, BLUESHIFT_POOL_SLOTS="4")
+        try:
+            stack.start()
+            stack.wait_for_dag(DAG_ID)
+            stack.api("PATCH", f"/dags/{DAG_ID}", json={"is_paused": False})
+            roots = lambda: [p.pid for name, p in stack.processes.items() if name == "scheduler"]  # noqa: E731
+            for _ in range(runs):
+                for day, size in days.items():
+                    with RssSampler(roots) as sampler:
+                        run = trigger(stack, day, {"dry_run": True, "chunk_size": 10_000})
+                    tasks = stack.task_instances(DAG_ID, run["dag_run_id"])
+                    mapped = sum(1 for ti in tasks if ti["task_id"] == "start_tracking")
+                    result = {
+                        "users": size,
+                        "state": run["state"],
+                        "run_seconds": run_seconds(run),
+                        "us_per_user": run_seconds(run) / size * 1e6,
+                        "peak_task_rss_mb": sampler.peak_mb,
+                        "mapped_tasks": mapped,
+                        "xcom_bytes": xcom_bytes(stack, run["dag_run_id"]),
+                    }
+                    results[size].append(result)
+                    print("scale run:", json.dumps(result), flush=True)
+        finally:
+            stack.stop()
+            standin.stop()
+    summary = {
+        str(size): {
+            "median_us_per_user": median([r["us_per_user"] for r in rows]),
+            "max_peak_task_rss_mb": max(r["peak_task_rss_mb"] for r in rows),
+            "max_mapped_tasks": max(r["mapped_tasks"] for r in rows),
+            "max_xcom_bytes": max(r["xcom_bytes"] for r in rows),
+            "runs": rows,
+        }
+        for size, rows in results.items()
+    }
+    small, large = (summary[str(size)]["median_us_per_user"] for size in sizes)
+    summary["per_user_ratio_large_vs_small"] = large / small
+    return summary
+
+
+CASES: dict[str, Callable[..., dict[str, Any]]] = {
+    "budget": case_budget,
+    "speed": case_speed,
+    "backfill": case_backfill,
+    "scale": case_scale,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated: " + ", ".join(CASES))
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 1/50 of the users, one run")
+    parser.add_argument("--out", default=str(ROOT / ".bench" / "results.json"))
+    args = parser.parse_args()
+    machine = {
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cpus": os.cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    print("machine:", json.dumps(machine), flush=True)
+    report: dict[str, Any] = {"machine": machine}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    quick = {
+        "budget": {"users": 400},
+        "speed": {"users": 2_000, "sample": 200},
+        "backfill": {"users_per_day": 100},
+        "scale": {"sizes": (2_000, 20_000)},
+    }
+    for name in args.cases.split(","):
+        started = time.monotonic()
+        report[name] = CASES[name](1 if args.quick else args.runs, **(quick[name] if args.quick else {}))
+        report[name]["bench_seconds"] = round(time.monotonic() - started)
+        print(f"== {name}:", json.dumps({k: v for k, v in report[name].items() if k != "runs"}), flush=True)
+        out.write_text(json.dumps(report, indent=2))
+    print(f"Results written to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""One request budget shared by every chunk task of every run, through leases in the warehouse.
+
+Each running chunk task holds a lease (a row with a heartbeat) and spends
+``budget / active leases`` requests/s, re-read every second. So the tasks together fill the whole
+budget whatever their number (one chunk alone gets all of it; a task that finishes early hands its
+share to the others) and never exceed it, across mapped tasks, concurrent runs and backfills. A
+task joins at zero and starts sending only after the others have had time to see it and slow
+down; a lease whose holder died goes stale after ``stale_after`` seconds.
+
+Airflow offers no cross-process rate limiter: pools cap how many tasks run, not how fast they
+send, so the share is computed here. The pool still caps concurrency.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+from sqlalchemy import DateTime, bindparam, text
+
+if TYPE_CHECKING:
+    from blueshift.pacing import AdaptiveRateLimiter
+    from blueshift.warehouse import Warehouse
+
+
+class SharedBudget:
+    """
+    A chunk task's share of the global budget.
+
+    :param warehouse: where the lease table lives (every task already shares it).
+    :param holder: this task's unique id (run, task, map index, try).
+    :param budget: the global budget in requests/s.
+    :param refresh_every: seconds between heartbeats and share updates.
+    :param stale_after: seconds after which a silent holder no longer counts.
+    """
+
+    def __init__(
+        self,
+        warehouse: Warehouse,
+        holder: str,
+        budget: float,
+        *,
+        refresh_every: float = 1.0,
+        stale_after: float = 5.0,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC).replace(tzinfo=None),
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.warehouse = warehouse
+        self.holder = holder
+        self.budget = budget
+        self.refresh_every = refresh_every
+        self.stale_after = stale_after
+        self._clock = clock
+        self._sleep = sleep
+        self.holders = 1
+        self._last_refresh = 0.0
+
+    @property
+    def share(self) -> float:
+        """Requests/s this task may spend now."""
+        return self.budget / max(self.holders, 1)
+
+    def join(self, limiter: AdaptiveRateLimiter) -> None:
+        """Take a lease, wait until the others have slowed down for it, then set this task's pace."""
+        self.warehouse.ensure_lease_table()
+        self._heartbeat()
+        self._sleep(self.refresh_every * 1.5)
+        self.refresh(limiter, force=True)
+
+    def refresh(self, limiter: AdaptiveRateLimiter, *, force: bool = False) -> None:
+        """Renew the lease and re-read the number of holders, at most every ``refresh_every``."""
+        now = time.monotonic()
+        if not force and now - self._last_refresh < self.refresh_every:
+            return
+        self._last_refresh = now
+        self._heartbeat()
+        self.holders = self._count_holders()
+        limiter.set_max_rate(self.share)
+
+    def leave(self) -> None:
+        """Give the share back."""
+        with self.warehouse.engine.begin() as conn:
+            conn.execute(
+                text(f"DELETE FROM {self.warehouse.lease_table} WHERE holder = :holder"),
+                {"holder": self.holder},
+            )
+
+    def _heartbeat(self) -> None:
+        statement = text(
+            f"""
+            INSERT INTO {self.warehouse.lease_table} (holder, heartbeat_at) VALUES (:holder, :now)
+            ON CONFLICT (holder) DO UPDATE SET heartbeat_at = excluded.heartbeat_at
+            """
+        ).bindparams(bindparam("now", type_=DateTime()))
+        with self.warehouse.engine.begin() as conn:
+            conn.execute(statement, {"holder": self.holder, "now": self._clock()})
+
+    def _count_holders(self) -> int:
+        statement = text(
+            f"SELECT COUNT(*) FROM {self.warehouse.lease_table} WHERE heartbeat_at >= :since"
+        ).bindparams(bindparam("since", type_=DateTime()))
+        since = self._clock() - timedelta(seconds=self.stale_after)
+        with self.warehouse.engine.connect() as conn:
+            return max(1, int(conn.execute(statement, {"since": since}).scalar_one()))

@@ -1,0 +1,129 @@
+"""The global budget: shared by running chunk tasks of any run, never exceeded, fully used."""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime, timedelta
+
+import pytest
+
+from blueshift.budget import SharedBudget
+from blueshift.pacing import AdaptiveRateLimiter
+from blueshift.warehouse import Warehouse
+from tests.plugins.blueshift.test_operators import run_operator, stage
+
+
+@pytest.fixture
+def warehouse(monkeypatch, sqlite_warehouse) -> Warehouse:
+    monkeypatch.setenv("AIRFLOW_CONN_WAREHOUSE_DEFAULT", sqlite_warehouse.conn_json)
+    warehouse = Warehouse(
+        "warehouse_default",
+        audit_table="blueshift_start_tracking_audit",
+        staging_table="blueshift_start_tracking_staging",
+    )
+    warehouse.ensure_tables()
+    return warehouse
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 11, 26, 12, 0, 0)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def budget(warehouse: Warehouse, holder: str, clock: Clock, total: float = 50.0) -> SharedBudget:
+    return SharedBudget(warehouse, holder, total, clock=clock, sleep=lambda seconds: None)
+
+
+def test_shares_follow_the_tasks_that_run(warehouse):
+    clock = Clock()
+    first, second = budget(warehouse, "run-1/chunk/0", clock), budget(warehouse, "run-1/chunk/1", clock)
+    limiter_1, limiter_2 = AdaptiveRateLimiter(50.0), AdaptiveRateLimiter(50.0)
+
+    first.join(limiter_1)
+    assert limiter_1.max_rate == 50.0, "one chunk alone gets the whole budget"
+    second.join(limiter_2)
+    first.refresh(limiter_1, force=True)
+    assert limiter_1.max_rate == limiter_2.max_rate == 25.0
+
+    second.leave()
+    first.refresh(limiter_1, force=True)
+    assert limiter_1.max_rate == 50.0, "a task that ends hands its share back"
+
+
+def test_tasks_of_concurrent_runs_share_one_budget(warehouse):
+    clock = Clock()
+    holders = [
+        budget(warehouse, f"backfill__2026-11-2{day}/start_tracking/{index}", clock)
+        for day in range(3)
+        for index in range(2)
+    ]
+    limiters = [AdaptiveRateLimiter(50.0) for _ in holders]
+    for holder, limiter in zip(holders, limiters, strict=True):
+        holder.join(limiter)
+    for holder, limiter in zip(holders, limiters, strict=True):
+        holder.refresh(limiter, force=True)
+    assert sum(limiter.max_rate for limiter in limiters) == pytest.approx(50.0)
+
+
+def test_a_dead_holder_stops_counting(warehouse):
+    clock = Clock()
+    alive, dead = budget(warehouse, "alive", clock), budget(warehouse, "killed", clock)
+    limiter = AdaptiveRateLimiter(50.0)
+    dead.join(AdaptiveRateLimiter(50.0))
+    alive.join(limiter)
+    assert limiter.max_rate == 25.0
+    clock.now += timedelta(seconds=6)
+    alive.refresh(limiter, force=True)
+    assert limiter.max_rate == 50.0
+
+
+def test_set_max_rate_scales_the_pace():
+    limiter = AdaptiveRateLimiter(50.0)
+    limiter.on_throttled()
+    assert limiter.rate == 25.0
+    limiter.set_max_rate(10.0)
+    assert limiter.max_rate == 10.0
+    assert limiter.rate == 5.0
+
+
+def test_two_chunk_tasks_together_stay_within_the_budget(warehouse, standin, monkeypatch):
+    """Two chunk tasks at once against a stand-in that enforces the same budget with 429s."""
+    import json
+
+    from tests.conftest import API_KEY
+
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_BLUESHIFT_DEFAULT",
+        json.dumps({"conn_type": "http", "host": standin.url, "login": API_KEY}),
+    )
+    standin.state.config.rate_limit = 30
+    standin.state.config.latency_ms = 20
+    standin.state.reset()
+    stage(warehouse, [(f"C-{n:03d}", None) for n in range(150)])
+    chunks = [
+        {"chunk_id": "low", "bucket_lo": 0, "bucket_hi": 2047, "users": 0, "label": "low"},
+        {"chunk_id": "high", "bucket_lo": 2048, "bucket_hi": 4095, "users": 0, "label": "high"},
+    ]
+    results: list[dict] = []
+    threads = [
+        threading.Thread(
+            target=lambda chunk=chunk: results.append(run_operator(chunk=chunk, rate_limit=30.0))
+        )
+        for chunk in chunks
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    snapshot = standin.state.snapshot()
+    assert sum(result["succeeded"] for result in results) == 150
+    throttled = snapshot["statuses"].get("429", 0)
+    print(
+        f"2 tasks, budget 30/s: busiest second {snapshot['busiest_second']}, "
+        f"{throttled} of {snapshot['requests']} throttled"
+    )
+    assert throttled <= 0.02 * snapshot["requests"]
+    assert snapshot["busiest_second"] <= 30 * 1.1 + 1
