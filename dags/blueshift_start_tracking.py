@@ -89,9 +89,13 @@ def blueshift_start_tracking() -> None:
         Returns the chunk descriptors (mapped over by start_tracking); the run's counts go to the
         XCom key ``summary``. Neither holds customer data.
         """
+        from blueshift.hooks import BlueshiftHook
         from blueshift.pipeline import extract_and_stage
 
         context = get_current_context()
+        if not context["params"]["dry_run"]:
+            # Pre-flight: a missing or wrong Blueshift connection fails here, before any extract or send.
+            BlueshiftHook(SETTINGS.conn_id).get_connection_checked()
         window_start, window_end = context["data_interval_start"], context["data_interval_end"]
         if window_start is None or window_end is None:
             raise ValueError("This DAG needs a data interval: trigger it with a logical date")

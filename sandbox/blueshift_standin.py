@@ -47,6 +47,8 @@ class StandInConfig:
     seed: int = 0
     slow_seconds: float = 3.0
     revoke_after: int = 0
+    storm_seconds: float = 0.0
+    """Answer every request with 429 for this many seconds after the first one (a 429 storm)."""
     fixed: dict[str, int] = field(default_factory=dict)
     """Identifier (email or customer_id) -> status always answered for it, e.g. ``{"x@y.com": 422}``."""
 
@@ -64,6 +66,8 @@ class StandInState:
         with self.lock:
             self.rng = random.Random(self.config.seed)
             self.applied: list[dict[str, str]] = []
+            self.answered_ok: list[dict[str, str]] = []
+            self.first_request: float | None = None
             self.requests = 0
             self.statuses: Counter[str] = Counter()
             self.per_second: Counter[int] = Counter()
@@ -75,10 +79,19 @@ class StandInState:
         with self.lock:
             self.requests += 1
             self.per_second[int(time.time())] += 1
+            if self.first_request is None:
+                self.first_request = time.monotonic()
             fault = None
             if self.config.fault_rate > 0 and self.rng.random() < self.config.fault_rate:
                 fault = self.rng.choice(self.config.faults)
             return self.requests, fault
+
+    def in_storm(self) -> bool:
+        """Return True while the configured 429 storm lasts."""
+        start = self.first_request
+        return bool(
+            self.config.storm_seconds and start and time.monotonic() - start < self.config.storm_seconds
+        )
 
     def take_token(self) -> bool:
         """Return False when the rate limit refuses this request."""
@@ -98,7 +111,10 @@ class StandInState:
         with self.lock:
             self.statuses[str(status)] += 1
             if body is not None:
-                self.applied.append({key: body[key] for key in ("email", "customer_id") if key in body})
+                user: dict[str, str] = {key: body[key] for key in ("email", "customer_id") if key in body}
+                self.applied.append(user)
+                if status == 200:
+                    self.answered_ok.append(user)
 
     def snapshot(self) -> dict[str, Any]:
         with self.lock:
@@ -106,6 +122,7 @@ class StandInState:
                 "requests": self.requests,
                 "statuses": dict(self.statuses),
                 "applied": list(self.applied),
+                "answered_ok": list(self.answered_ok),
                 "busiest_second": max(self.per_second.values(), default=0),
                 "per_second": {str(second): count for second, count in sorted(self.per_second.items())},
                 "config": asdict(self.config),
@@ -132,6 +149,9 @@ def _validation_error(body: Any) -> tuple[int, str] | None:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in separate writes: without TCP_NODELAY, Nagle's algorithm and the
+    # client's delayed ACK add ~40 ms to every keep-alive answer, which no real API does.
+    disable_nagle_algorithm = True
     server: _Server
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -191,7 +211,7 @@ class _Handler(BaseHTTPRequestHandler):
             state.record(401)
             self._answer(401, {"message": "Unauthorized"})
             return
-        if not state.take_token():
+        if state.in_storm() or not state.take_token():
             state.record(429)
             self._answer(429, {"message": "Rate limit exceeded"})
             return
@@ -210,7 +230,9 @@ class _Handler(BaseHTTPRequestHandler):
             fixed = config.fixed.get(body.get(key) or "")
             if fixed:
                 state.record(fixed, body if fixed == 200 else None)
-                self._answer(fixed, {"status": "ok"} if fixed == 200 else {"message": "fixed answer"})
+                # Like many APIs, the error echoes the identifier: the client must redact it.
+                message = {"message": f"fixed answer for {body.get(key)}"}
+                self._answer(fixed, {"status": "ok"} if fixed == 200 else message)
                 return
         if fault == "drop":
             state.record("drop")

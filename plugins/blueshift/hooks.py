@@ -78,6 +78,12 @@ class BlueshiftHook(HttpHook):
         return auth
 
     def _set_base_url(self, connection: Any) -> None:
+        host = connection.host or ""
+        if host and "://" not in host and not connection.schema:
+            raise BlueshiftConfigError(
+                f"Connection {self.blueshift_conn_id!r} has the host {host!r} without a scheme: set it to "
+                f"https://{host} (US: {REGION_HOSTS['us']}, EU: {REGION_HOSTS['eu']})"
+            )
         super()._set_base_url(connection)
         parsed = urlparse(self.base_url)
         if not parsed.hostname:
@@ -97,6 +103,10 @@ class BlueshiftHook(HttpHook):
                 "listed in BLUESHIFT_ALLOW_HTTP_HOSTS); "
                 f"set the host to {REGION_HOSTS['us']} or {REGION_HOSTS['eu']}"
             )
+
+    def get_connection_checked(self) -> None:
+        """Check the connection (host, scheme, key) without sending anything: a pre-flight check."""
+        self.get_conn()
 
     def get_conn(
         self, headers: dict[Any, Any] | None = None, extra_options: dict[str, Any] | None = None

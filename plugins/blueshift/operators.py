@@ -216,8 +216,8 @@ class BlueshiftStartTrackingOperator(BaseOperator):
         """Send every user; return the 401/403 status if the key was refused, else None."""
         limiter = AdaptiveRateLimiter(self.rate_limit)
         budget = SharedBudget(warehouse, holder, self.rate_limit)
-        budget.join(limiter)
         try:
+            budget.join(limiter)
             return self._send_with(hook, warehouse, dag_id, run_id, users, progress, limiter, budget)
         finally:
             budget.leave()

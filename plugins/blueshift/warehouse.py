@@ -86,15 +86,32 @@ class Warehouse:
         """Return the SQLAlchemy dialect name (``sqlite``, ``postgresql``, ...)."""
         return self.engine.dialect.name
 
+    def _create(self, table: str, ddl: str) -> None:
+        """Run ``CREATE TABLE IF NOT EXISTS``, tolerating another task creating it at the same moment.
+
+        PostgreSQL's ``IF NOT EXISTS`` is not safe under concurrency: the loser of the race gets a
+        unique violation on ``pg_type``; the table exists then, which is all we need.
+        """
+        from sqlalchemy import inspect
+        from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(text(ddl))
+        except (IntegrityError, ProgrammingError):
+            schema, _, name = table.rpartition(".")
+            if not inspect(self.engine).has_table(name, schema=schema or None):
+                raise
+
     def ensure_tables(self) -> None:
         """Create the staging and audit tables if they do not exist."""
-        with self.engine.begin() as conn:
-            if self.dialect == "sqlite":
+        if self.dialect == "sqlite":
+            with self.engine.begin() as conn:
                 # Readers do not block the writer, so chunk tasks can run side by side.
                 conn.exec_driver_sql("PRAGMA journal_mode=WAL")
-            conn.execute(
-                text(
-                    f"""
+        self._create(
+            self.staging_table,
+            f"""
                     CREATE TABLE IF NOT EXISTS {self.staging_table} (
                         dag_id VARCHAR(250) NOT NULL,
                         run_id VARCHAR(250) NOT NULL,
@@ -110,12 +127,11 @@ class Warehouse:
                         error TEXT,
                         PRIMARY KEY (dag_id, run_id, user_key)
                     )
-                    """
-                )
-            )
-            conn.execute(
-                text(
-                    f"""
+                    """,
+        )
+        self._create(
+            self.audit_table,
+            f"""
                     CREATE TABLE IF NOT EXISTS {self.audit_table} (
                         dag_id VARCHAR(250) NOT NULL,
                         window_start TIMESTAMP NOT NULL,
@@ -132,30 +148,37 @@ class Warehouse:
                         updated_at TIMESTAMP NOT NULL,
                         PRIMARY KEY (dag_id, window_start, window_end, user_key)
                     )
-                    """
-                )
-            )
+                    """,
+        )
 
     def ensure_lease_table(self) -> None:
         """Create the table of budget leases (see ``blueshift.budget``) if it does not exist."""
-        with self.engine.begin() as conn:
-            conn.execute(
-                text(
-                    f"CREATE TABLE IF NOT EXISTS {self.lease_table} "
-                    "(holder VARCHAR(500) PRIMARY KEY, heartbeat_at TIMESTAMP NOT NULL)"
-                )
-            )
+        self._create(
+            self.lease_table,
+            f"CREATE TABLE IF NOT EXISTS {self.lease_table} "
+            "(holder VARCHAR(500) PRIMARY KEY, heartbeat_at TIMESTAMP NOT NULL)",
+        )
 
     def read_window(
         self, sql: str, window_start: datetime, window_end: datetime, *, chunksize: int = 50_000
     ) -> Iterator[pd.DataFrame]:
         """Yield the window's rows in frames of at most ``chunksize`` rows (bounded memory)."""
         import pandas as pd
+        from sqlalchemy.exc import DBAPIError
 
         params = {"window_start": sql_timestamp(window_start), "window_end": sql_timestamp(window_end)}
         with self.engine.connect() as conn:
             streaming = conn.execution_options(stream_results=True)
-            yield from pd.read_sql(text(sql), streaming, params=params, chunksize=chunksize)
+            try:
+                yield from pd.read_sql(text(sql), streaming, params=params, chunksize=chunksize)
+            except (DBAPIError, pd.errors.DatabaseError) as err:
+                # The driver's message names the table or column; it holds the query, not customer data.
+                cause = str(getattr(err, "orig", err)).strip().splitlines()[0][:300]
+                raise BlueshiftConfigError(
+                    f"The extract query failed on warehouse connection {self.conn_id!r}: {cause}. Check the "
+                    "table and column names in BLUESHIFT_EXTRACT_SQL and that the connection points at the "
+                    "right database"
+                ) from err
 
     def reset_run(self, dag_id: str, run_id: str) -> None:
         """Forget what an earlier try of this run staged."""

@@ -93,9 +93,10 @@ def run_dag(
         *,
         logical_date: datetime,
         conf: dict[str, Any] | None = None,
-        settings: dict[str, str] | None = None,
+        settings: dict[str, str | None] | None = None,
         api_key: str = API_KEY,
     ) -> RunResult:
+        """Run once; ``settings`` override environment variables (connections too), None unsets."""
         from airflow.dag_processing.dagbag import DagBag
         from airflow.utils.session import create_session
 
@@ -105,7 +106,10 @@ def run_dag(
             f'{{"conn_type": "http", "host": "{standin.url}", "login": "{api_key}"}}',
         )
         for name, value in {**FAST_SETTINGS, **(settings or {})}.items():
-            monkeypatch.setenv(name, value)
+            if value is None:
+                monkeypatch.delenv(name, raising=False)
+            else:
+                monkeypatch.setenv(name, value)
         bag = DagBag(dag_folder=str(ROOT / "dags"))
         assert bag.import_errors == {}
         dag = bag.get_dag(DAG_ID)
