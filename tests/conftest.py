@@ -33,6 +33,17 @@ for name in list(os.environ):
     if name.startswith(("BLUESHIFT_", "AIRFLOW_CONN_")):
         del os.environ[name]
 
+FIGURES: list[str] = []
+"""Figures the tests measured (fault runs, budget, crashes): printed together at the end of the run."""
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if FIGURES:
+        terminalreporter.section("figures measured by the tests")
+        for line in FIGURES:
+            terminalreporter.write_line(line)
+
+
 PG_DSN = os.environ.get("BLUESHIFT_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 API_KEY = "sk-test-7Hq2ZxV9pL4mN8rT"
 

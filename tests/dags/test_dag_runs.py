@@ -9,7 +9,7 @@ from datetime import datetime
 
 import pytest
 
-from tests.conftest import API_KEY
+from tests.conftest import API_KEY, FIGURES
 from tests.dags.conftest import audit_rows, seed_source, users_of_day
 
 DIRTY = [
@@ -58,7 +58,7 @@ def test_run_with_faults_audits_every_user_once(warehouse_db, standin, run_dag):
     expected_state = "failed" if statuses["failed"] else "success"
     assert result.state == expected_state, result.task_states
     assert result.task_states["extract_and_validate"] == ["success"]
-    print(f"faults 20%: {dict(statuses)}, requests {standin.state.requests}, run {result.state}")
+    FIGURES.append(f"faults 20%: {dict(statuses)}, requests {standin.state.requests}, run {result.state}")
 
 
 def _assert_no_secrets_or_emails(output: str, emails: list[str]) -> None:

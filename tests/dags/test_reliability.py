@@ -14,7 +14,7 @@ from datetime import datetime
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import API_KEY
+from tests.conftest import API_KEY, FIGURES
 from tests.dags.conftest import audit_rows, seed_source, users_of_day
 
 USERS = 60
@@ -49,7 +49,7 @@ def test_transient_fault(sqlite_warehouse, standin, run_dag, fault, rate):
     statuses = _check_truth(audit_rows(sqlite_warehouse.url), standin, result, USERS)
     requests = standin.state.requests
     assert requests <= USERS * 8, "attempts per user are bounded"
-    print(
+    FIGURES.append(
         f"fault {fault} at {rate:.0%}: {dict(statuses)}, {requests} requests "
         f"({requests / USERS:.2f} per user), run {result.state}"
     )
@@ -68,7 +68,7 @@ def test_applied_but_answered_500_ends_succeeded(sqlite_warehouse, standin, run_
     resent = sum(count - 1 for count in applied.values())
     assert statuses["succeeded"] == USERS
     assert resent > 0, "some users were applied, answered 500, and sent again: harmless"
-    print(
+    FIGURES.append(
         f"applied then 500 at 30%: {dict(statuses)}, {resent} harmless re-sends, "
         f"{standin.state.requests} requests"
     )
@@ -92,7 +92,7 @@ def test_429_storm_backs_off_and_recovers(sqlite_warehouse, standin, run_dag):
 
     statuses = _check_truth(audit_rows(sqlite_warehouse.url), standin, result, USERS)
     throttled = standin.state.statuses["429"]
-    print(
+    FIGURES.append(
         f"429 storm of 10 s: {dict(statuses)}, {throttled} requests refused, {standin.state.requests} in all"
     )
     assert statuses["succeeded"] == USERS

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import API_KEY
+from tests.conftest import API_KEY, FIGURES
 from tests.dags.conftest import audit_rows, seed_source, users_of_day
 from tests.e2e.airflow_stack import AirflowStack
 
@@ -143,7 +143,7 @@ def test_schedule_backfill_rerun_dry_run_and_carry_over(stack, postgres_warehous
     ]
     assert len(dry_rows) == PER_DAY
     assert {row["status"] for row in dry_rows} == {"dry_run"}
-    print(
+    FIGURES.append(
         f"e2e: {standin.state.requests} requests, busiest second {standin.state.snapshot()['busiest_second']}"
     )
     time.sleep(0)

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import API_KEY
+from tests.conftest import API_KEY, FIGURES
 from tests.dags.conftest import audit_rows, seed_source, users_of_day
 from tests.e2e.airflow_stack import AirflowStack
 
@@ -101,7 +101,7 @@ def test_chunk_killed_mid_chunk_is_finished_by_airflow_retry(crash_stack, postgr
     applied = Counter(user["customer_id"] for user in standin.state.snapshot()["applied"])
     assert set(applied) == {row[0] for row in users}
     resent = sum(count - 1 for count in applied.values())
-    print(
+    FIGURES.append(
         f"SIGKILL after {killed_at} requests: {len(users)} users audited succeeded, {resent} re-sent by retry"
     )
     assert resent <= 40, "the retry re-sends only what the killed try had not recorded"

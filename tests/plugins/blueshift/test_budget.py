@@ -93,7 +93,7 @@ def test_two_chunk_tasks_together_stay_within_the_budget(warehouse, standin, mon
     """Two chunk tasks at once against a stand-in that enforces the same budget with 429s."""
     import json
 
-    from tests.conftest import API_KEY
+    from tests.conftest import API_KEY, FIGURES
 
     monkeypatch.setenv(
         "AIRFLOW_CONN_BLUESHIFT_DEFAULT",
@@ -121,7 +121,7 @@ def test_two_chunk_tasks_together_stay_within_the_budget(warehouse, standin, mon
     snapshot = standin.state.snapshot()
     assert sum(result["succeeded"] for result in results) == 150
     throttled = snapshot["statuses"].get("429", 0)
-    print(
+    FIGURES.append(
         f"2 tasks, budget 30/s: busiest second {snapshot['busiest_second']}, "
         f"{throttled} of {snapshot['requests']} throttled"
     )
