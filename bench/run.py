@@ -360,16 +360,20 @@ def case_scale(runs: int, sizes: tuple[int, ...] = (100_000, 1_000_000)) -> dict
     standin = StandInProcess()
     results: dict[int, list[dict[str, Any]]] = {size: [] for size in sizes}
     with warehouse_db() as (conn_json, dsn):
-        days = {f"2026-10-{10 + i:02d}": size for i, size in enumerate(sizes)}
-        seed(dsn, days)
+        # One window per run and size: a manual run's logical date can be used only once.
+        plan = [
+            [(f"2026-10-{10 + run * len(sizes) + i:02d}", size) for i, size in enumerate(sizes)]
+            for run in range(runs)
+        ]
+        seed(dsn, {day: size for windows in plan for day, size in windows})
         stack = make_stack(conn_json, standin, BLUESHIFT_POOL_SLOTS="4")
         try:
             stack.start()
             stack.wait_for_dag(DAG_ID)
             stack.api("PATCH", f"/dags/{DAG_ID}", json={"is_paused": False})
             roots = lambda: [p.pid for name, p in stack.processes.items() if name == "scheduler"]  # noqa: E731
-            for _ in range(runs):
-                for day, size in days.items():
+            for windows in plan:
+                for day, size in windows:
                     with RssSampler(roots) as sampler:
                         run = trigger(stack, day, {"dry_run": True, "chunk_size": 10_000})
                     tasks = stack.task_instances(DAG_ID, run["dag_run_id"])
