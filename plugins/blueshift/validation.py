@@ -47,6 +47,11 @@ def user_key(customer_id: str | None, email: str | None) -> str:
     return hashlib.sha256(raw).hexdigest()[:32]
 
 
+def bucket_of(key: str) -> int:
+    """Return the hash bucket of a user key; chunks are ranges of buckets."""
+    return int(key[:8], 16) % BUCKETS
+
+
 def normalize(frame: pd.DataFrame) -> pd.DataFrame:
     """Return ``customer_id, email, user_key, bucket, error`` per input row; ``error`` is None when valid.
 
@@ -96,7 +101,7 @@ def normalize(frame: pd.DataFrame) -> pd.DataFrame:
             "customer_id": customer_id,
             "email": email,
             "user_key": keys,
-            "bucket": [int(key[:8], 16) % BUCKETS for key in keys],
+            "bucket": [bucket_of(key) for key in keys],
             "error": error,
         },
         index=frame.index,

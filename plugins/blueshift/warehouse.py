@@ -22,7 +22,7 @@ from sqlalchemy import DateTime, Integer, String, bindparam, text
 from blueshift.exceptions import BlueshiftConfigError
 from blueshift.outcomes import Status
 from blueshift.settings import validate_identifier
-from blueshift.validation import storable
+from blueshift.validation import bucket_of, storable
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -188,19 +188,9 @@ class Warehouse:
                 {"dag_id": dag_id, "run_id": run_id},
             )
 
-    def stage(
-        self,
-        users: pd.DataFrame,
-        *,
-        dag_id: str,
-        run_id: str,
-        window_start: datetime,
-        window_end: datetime,
-    ) -> None:
-        """Insert normalized users; a user already staged for the run (a duplicate) is kept once."""
-        if users.empty:
-            return
-        statement = text(
+    def _insert_staged(self) -> Any:
+        """Return the statement that stages one user; a user already staged for the run is kept."""
+        return text(
             f"""
             INSERT INTO {self.staging_table}
                 (dag_id, run_id, user_key, window_start, window_end, bucket, customer_id, email,
@@ -213,7 +203,22 @@ class Warehouse:
             bindparam("window_start", type_=DateTime()),
             bindparam("window_end", type_=DateTime()),
             bindparam("bucket", type_=Integer()),
+            bindparam("error", type_=String()),
         )
+
+    def stage(
+        self,
+        users: pd.DataFrame,
+        *,
+        dag_id: str,
+        run_id: str,
+        window_start: datetime,
+        window_end: datetime,
+    ) -> None:
+        """Insert normalized users; a user already staged for the run (a duplicate) is kept once."""
+        if users.empty:
+            return
+        statement = self._insert_staged()
         start, end = utc_naive(window_start), utc_naive(window_end)
         rows = [
             {
@@ -296,18 +301,6 @@ class Warehouse:
                 email=String(),
             )
         )
-        insert = text(
-            f"""
-            INSERT INTO {self.staging_table}
-                (dag_id, run_id, user_key, window_start, window_end, bucket, customer_id, email,
-                 status, attempts, error)
-            VALUES (:dag_id, :run_id, :user_key, :window_start, :window_end, :bucket, :customer_id,
-                    :email, :pending, 0, NULL)
-            ON CONFLICT (dag_id, run_id, user_key) DO NOTHING
-            """
-        ).bindparams(bindparam("window_start", type_=DateTime()), bindparam("window_end", type_=DateTime()))
-        from blueshift.validation import BUCKETS
-
         params = {
             "dag_id": dag_id,
             "failed": Status.FAILED.value,
@@ -322,16 +315,17 @@ class Warehouse:
                     "user_key": row.user_key,
                     "window_start": row.window_start,
                     "window_end": row.window_end,
-                    "bucket": int(row.user_key[:8], 16) % BUCKETS,
+                    "bucket": bucket_of(row.user_key),
                     "customer_id": row.customer_id,
                     "email": row.email,
-                    "pending": Status.PENDING.value,
+                    "status": Status.PENDING.value,
+                    "error": None,
                 }
                 for row in conn.execute(select, params)
             ]
             before_count = self._count_staged(conn, dag_id, run_id)
             if rows:
-                conn.execute(insert, rows)
+                conn.execute(self._insert_staged(), rows)
             return self._count_staged(conn, dag_id, run_id) - before_count
 
     def _count_staged(self, conn: Connection, dag_id: str, run_id: str) -> int:
