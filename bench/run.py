@@ -184,9 +184,11 @@ def case_budget(runs: int, users: int = 20_000) -> dict[str, Any]:
                         "throttled_share": throttled / max(state["requests"], 1),
                         "busiest_second": state["busiest_second"],
                         "run_seconds": run_seconds(run),
+                        "task_seconds": task_seconds(stack.task_instances(DAG_ID, run["dag_run_id"])),
                     }
                 )
                 print("budget run:", json.dumps(results[-1]), flush=True)
+                results[-1]["per_second"] = state["per_second"]
         finally:
             stack.stop()
             standin.stop()
@@ -356,6 +358,16 @@ def xcom_bytes(stack: AirflowStack, run_id: str) -> int:
     return int(row[0]) if row else 0
 
 
+def task_seconds(tasks: list[dict[str, Any]]) -> dict[str, float]:
+    """Wall seconds per task id, first start to last end (where the run's time goes)."""
+    spans: dict[str, list[datetime]] = {}
+    for ti in tasks:
+        if ti.get("start_date") and ti.get("end_date"):
+            span = spans.setdefault(ti["task_id"], [])
+            span += [datetime.fromisoformat(ti["start_date"]), datetime.fromisoformat(ti["end_date"])]
+    return {task: round((max(s) - min(s)).total_seconds(), 1) for task, s in spans.items()}
+
+
 def case_scale(runs: int, sizes: tuple[int, ...] = (100_000, 1_000_000)) -> dict[str, Any]:
     standin = StandInProcess()
     results: dict[int, list[dict[str, Any]]] = {size: [] for size in sizes}
@@ -386,6 +398,7 @@ def case_scale(runs: int, sizes: tuple[int, ...] = (100_000, 1_000_000)) -> dict
                         "peak_task_rss_mb": sampler.peak_mb,
                         "mapped_tasks": mapped,
                         "xcom_bytes": xcom_bytes(stack, run["dag_run_id"]),
+                        "task_seconds": task_seconds(tasks),
                     }
                     results[size].append(result)
                     print("scale run:", json.dumps(result), flush=True)

@@ -278,7 +278,7 @@ class BlueshiftStartTrackingOperator(BaseOperator):
         received = 0
         while received < len(users):
             try:
-                key, outcome = results.get(timeout=FLUSH_EVERY_SECONDS)
+                key, outcome = results.get(timeout=min(FLUSH_EVERY_SECONDS, budget.refresh_every))
             except queue.Empty:
                 pass
             else:

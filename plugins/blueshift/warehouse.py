@@ -103,12 +103,54 @@ class Warehouse:
             if not inspect(self.engine).has_table(name, schema=schema or None):
                 raise
 
+    def _create_index(self, table: str, name: str, columns: str) -> None:
+        """Run ``CREATE INDEX IF NOT EXISTS``, tolerating the same race as ``_create``."""
+        from sqlalchemy import inspect
+        from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+        schema, _, bare = table.rpartition(".")
+        # The index lives in its table's schema: PostgreSQL names the schema on the table, SQLite
+        # on the index.
+        statement = (
+            f"CREATE INDEX IF NOT EXISTS {schema}.{name} ON {bare} ({columns})"
+            if schema and self.dialect == "sqlite"
+            else f"CREATE INDEX IF NOT EXISTS {name} ON {table} ({columns})"
+        )
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(text(statement))
+        except (IntegrityError, ProgrammingError):
+            existing = inspect(self.engine).get_indexes(bare, schema=schema or None)
+            if name not in {index["name"] for index in existing}:
+                raise
+
+    def _use_wal(self) -> None:
+        """Put a SQLite warehouse in WAL mode: readers do not block the writer, so tasks run side by side.
+
+        The mode is stored in the file, so this writes once. Switching needs the file to itself
+        and SQLite answers "database is locked" at once, without waiting, when another run's task
+        has it open: that is retried briefly, and is fine when the other one switched it.
+        """
+        import time
+
+        from sqlalchemy.exc import OperationalError
+
+        for attempt in range(50):
+            with self.engine.connect() as conn:
+                if str(conn.exec_driver_sql("PRAGMA journal_mode").scalar()).lower() == "wal":
+                    return
+                try:
+                    conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+                    return
+                except OperationalError:
+                    if attempt == 49:
+                        raise
+            time.sleep(0.1)
+
     def ensure_tables(self) -> None:
         """Create the staging and audit tables if they do not exist."""
         if self.dialect == "sqlite":
-            with self.engine.begin() as conn:
-                # Readers do not block the writer, so chunk tasks can run side by side.
-                conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+            self._use_wal()
         self._create(
             self.staging_table,
             f"""
@@ -128,6 +170,11 @@ class Warehouse:
                         PRIMARY KEY (dag_id, run_id, user_key)
                     )
                     """,
+        )
+        # Chunk tasks read and mark their users by bucket range: without this index every chunk
+        # task scans the whole run, and a run's cost grows with (users x chunks).
+        self._create_index(
+            self.staging_table, f"{self.staging_table.rpartition('.')[2]}_bucket", "dag_id, run_id, bucket"
         )
         self._create(
             self.audit_table,
