@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     from blueshift.pacing import AdaptiveRateLimiter
     from blueshift.warehouse import Warehouse
 
+FORGET_DEAD_LEASES_AFTER_SECONDS = 600.0
+"""A lease silent this long belongs to a killed task: the next task that leaves deletes it."""
+
 
 class SharedBudget:
     """
@@ -82,12 +85,13 @@ class SharedBudget:
         limiter.set_max_rate(self.share)
 
     def leave(self) -> None:
-        """Give the share back."""
+        """Give the share back, and clear the leases of tasks that died long ago (they hold nothing)."""
+        statement = text(
+            f"DELETE FROM {self.warehouse.lease_table} WHERE holder = :holder OR heartbeat_at < :long_ago"
+        ).bindparams(bindparam("long_ago", type_=DateTime()))
+        long_ago = self._clock() - timedelta(seconds=FORGET_DEAD_LEASES_AFTER_SECONDS)
         with self.warehouse.engine.begin() as conn:
-            conn.execute(
-                text(f"DELETE FROM {self.warehouse.lease_table} WHERE holder = :holder"),
-                {"holder": self.holder},
-            )
+            conn.execute(statement, {"holder": self.holder, "long_ago": long_ago})
 
     def _heartbeat(self) -> int:
         """Renew this task's lease and return the number of live holders, in one transaction."""

@@ -135,6 +135,7 @@ def extract_and_stage(
     if carry_over_since is not None:
         log.info("Retrying users left failed in windows since %s", carry_over_since.isoformat())
         carried = warehouse.carry_over_failed(dag_id, run_id, since=carry_over_since, before=window_start)
+    warehouse.analyze_staging()
     staged = warehouse.staged_counts(dag_id, run_id)
     users_total = sum(staged.values())
     chunks = plan_chunks(

@@ -7,22 +7,10 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from blueshift.budget import SharedBudget
+from blueshift.budget import FORGET_DEAD_LEASES_AFTER_SECONDS, SharedBudget
 from blueshift.pacing import AdaptiveRateLimiter
 from blueshift.warehouse import Warehouse
 from tests.plugins.blueshift.test_operators import run_operator, stage
-
-
-@pytest.fixture
-def warehouse(monkeypatch, sqlite_warehouse) -> Warehouse:
-    monkeypatch.setenv("AIRFLOW_CONN_WAREHOUSE_DEFAULT", sqlite_warehouse.conn_json)
-    warehouse = Warehouse(
-        "warehouse_default",
-        audit_table="blueshift_start_tracking_audit",
-        staging_table="blueshift_start_tracking_staging",
-    )
-    warehouse.ensure_tables()
-    return warehouse
 
 
 class Clock:
@@ -78,6 +66,22 @@ def test_a_dead_holder_stops_counting(warehouse):
     clock.now += timedelta(seconds=6)
     alive.refresh(limiter, force=True)
     assert limiter.max_rate == 50.0
+
+
+def test_leases_of_long_dead_tasks_are_cleared(warehouse):
+    import sqlalchemy as sa
+
+    clock = Clock()
+    budget(warehouse, "dead-long-ago", clock).join(AdaptiveRateLimiter(50.0))
+    clock.now += timedelta(seconds=3)
+    budget(warehouse, "dead-recently", clock).join(AdaptiveRateLimiter(50.0))
+    clock.now += timedelta(seconds=FORGET_DEAD_LEASES_AFTER_SECONDS - 1)
+    finished = budget(warehouse, "finished", clock)
+    finished.join(AdaptiveRateLimiter(50.0))
+    finished.leave()
+    with warehouse.engine.connect() as conn:
+        holders = conn.execute(sa.text(f"SELECT holder FROM {warehouse.lease_table}")).scalars().all()
+    assert holders == ["dead-recently"]
 
 
 def test_set_max_rate_scales_the_pace():

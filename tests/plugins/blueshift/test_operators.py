@@ -23,18 +23,6 @@ MAX_ATTEMPTS = 3
 
 
 @pytest.fixture
-def warehouse(monkeypatch, sqlite_warehouse) -> Warehouse:
-    monkeypatch.setenv("AIRFLOW_CONN_WAREHOUSE_DEFAULT", sqlite_warehouse.conn_json)
-    warehouse = Warehouse(
-        "warehouse_default",
-        audit_table="blueshift_start_tracking_audit",
-        staging_table="blueshift_start_tracking_staging",
-    )
-    warehouse.ensure_tables()
-    return warehouse
-
-
-@pytest.fixture
 def blueshift(monkeypatch, standin):
     monkeypatch.setenv(
         "AIRFLOW_CONN_BLUESHIFT_DEFAULT",

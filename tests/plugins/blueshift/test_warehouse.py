@@ -73,3 +73,29 @@ def test_schema_qualified_staging_table_gets_its_index(monkeypatch, postgres_war
     warehouse.ensure_tables()
     warehouse.ensure_tables()  # a second run finds everything in place
     assert "staging_bucket" in index_names(warehouse, "staging", schema="blueshift")
+
+
+def test_outcome_updates_find_each_user_by_primary_key(monkeypatch, postgres_warehouse):
+    """After staging, the per-user UPDATE's generic plan uses the primary key, not the bucket index."""
+    from datetime import UTC, datetime
+
+    import pandas as pd
+
+    from blueshift.validation import normalize
+
+    warehouse = make(monkeypatch, postgres_warehouse)
+    warehouse.ensure_tables()
+    users = normalize(
+        pd.DataFrame([(f"C-{n}", None) for n in range(5_000)], columns=["customer_id", "email"])
+    )
+    start, end = datetime(2026, 11, 24, tzinfo=UTC), datetime(2026, 11, 25, tzinfo=UTC)
+    warehouse.stage(users, dag_id="d", run_id="r", window_start=start, window_end=end)
+    warehouse.analyze_staging()
+    with warehouse.engine.connect() as conn:
+        conn.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
+        conn.exec_driver_sql(
+            "PREPARE outcome(text, text, text) AS UPDATE blueshift_start_tracking_staging "
+            "SET status = 'succeeded' WHERE dag_id = $1 AND run_id = $2 AND user_key = $3"
+        )
+        plan = " ".join(row[0] for row in conn.exec_driver_sql("EXPLAIN EXECUTE outcome('d', 'r', 'k')"))
+    assert "blueshift_start_tracking_staging_pkey" in plan, plan
