@@ -4,8 +4,10 @@ Each running chunk task holds a lease (a row with a heartbeat) and spends
 ``budget / active leases`` requests/s, re-read four times a second. So the tasks together fill the whole
 budget whatever their number (one chunk alone gets all of it; a task that finishes early hands its
 share to the others) and never exceed it, across mapped tasks, concurrent runs and backfills. A
-task joins at zero and starts sending only after the others have had time to see it and slow
-down; a lease whose holder died goes stale after ``stale_after`` seconds.
+task joins at zero and starts sending only once every other live holder has renewed its lease
+after the join (a renewal re-counts the holders in the same transaction, so it has seen the
+newcomer and slowed down): no fixed wait that a busy machine could outrun, and no longer than
+needed. A lease whose holder died goes stale after ``stale_after`` seconds.
 
 Airflow offers no cross-process rate limiter: pools cap how many tasks run, not how fast they
 send, so the share is computed here. The pool still caps concurrency.
@@ -40,6 +42,8 @@ class SharedBudget:
         small chunks hands over often: a quarter second keeps that loss near 1%, for one indexed
         upsert and one count per task per refresh.
     :param stale_after: seconds after which a silent holder no longer counts.
+    :param join_timeout: longest wait at join for the others to renew (a holder killed less than
+        ``stale_after`` ago never does); then the task starts at its share anyway.
     """
 
     def __init__(
@@ -50,6 +54,7 @@ class SharedBudget:
         *,
         refresh_every: float = 0.25,
         stale_after: float = 5.0,
+        join_timeout: float = 3.0,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC).replace(tzinfo=None),
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -58,6 +63,7 @@ class SharedBudget:
         self.budget = budget
         self.refresh_every = refresh_every
         self.stale_after = stale_after
+        self.join_timeout = join_timeout
         self._clock = clock
         self._sleep = sleep
         self.holders = 1
@@ -72,7 +78,10 @@ class SharedBudget:
         """Take a lease, wait until the others have slowed down for it, then set this task's pace."""
         self.warehouse.ensure_lease_table()
         self._heartbeat()
-        self._sleep(self.refresh_every * 1.5)
+        joined = self._clock()  # read after the lease is committed: a renewal stamped later has seen it
+        deadline = time.monotonic() + self.join_timeout
+        while self._holders_unaware_of(joined) and time.monotonic() < deadline:
+            self._sleep(self.refresh_every / 5)
         self.refresh(limiter, force=True)
 
     def refresh(self, limiter: AdaptiveRateLimiter, *, force: bool = False) -> None:
@@ -92,6 +101,20 @@ class SharedBudget:
         long_ago = self._clock() - timedelta(seconds=FORGET_DEAD_LEASES_AFTER_SECONDS)
         with self.warehouse.engine.begin() as conn:
             conn.execute(statement, {"holder": self.holder, "long_ago": long_ago})
+
+    def _holders_unaware_of(self, joined: datetime) -> int:
+        """Count the live holders whose last renewal is older than ``joined`` (they still spend more)."""
+        statement = text(
+            f"SELECT COUNT(*) FROM {self.warehouse.lease_table} "
+            "WHERE holder <> :holder AND heartbeat_at >= :since AND heartbeat_at < :joined"
+        ).bindparams(bindparam("since", type_=DateTime()), bindparam("joined", type_=DateTime()))
+        since = joined - timedelta(seconds=self.stale_after)
+        with self.warehouse.engine.connect() as conn:
+            return int(
+                conn.execute(
+                    statement, {"holder": self.holder, "since": since, "joined": joined}
+                ).scalar_one()
+            )
 
     def _heartbeat(self) -> int:
         """Renew this task's lease and return the number of live holders, in one transaction."""

@@ -68,6 +68,38 @@ def test_a_dead_holder_stops_counting(warehouse):
     assert limiter.max_rate == 50.0
 
 
+def test_a_new_task_sends_only_after_the_others_slowed_down(warehouse):
+    """Real clock and sleeps: the newcomer waits for the running task's next renewal, not longer."""
+    running, newcomer = SharedBudget(warehouse, "running", 50.0), SharedBudget(warehouse, "newcomer", 50.0)
+    running_limiter, newcomer_limiter = AdaptiveRateLimiter(50.0), AdaptiveRateLimiter(50.0)
+    running.join(running_limiter)
+    joined = threading.Event()
+    seen_by_running_when_joined: list[float] = []
+
+    def join() -> None:
+        newcomer.join(newcomer_limiter)
+        seen_by_running_when_joined.append(running_limiter.max_rate)
+        joined.set()
+
+    thread = threading.Thread(target=join)
+    thread.start()
+    assert not joined.wait(1.0), "the newcomer must wait while the running task still spends 50/s"
+    running.refresh(running_limiter, force=True)
+    assert joined.wait(1.0), "one renewal of the running task is enough"
+    thread.join()
+    assert seen_by_running_when_joined == [25.0]
+    assert newcomer_limiter.max_rate == 25.0
+
+
+def test_a_holder_that_never_renews_delays_a_join_only_briefly(warehouse):
+    silent = SharedBudget(warehouse, "killed-a-second-ago", 50.0)
+    silent.join(AdaptiveRateLimiter(50.0))
+    newcomer = SharedBudget(warehouse, "newcomer", 50.0, join_timeout=0.5)
+    limiter = AdaptiveRateLimiter(50.0)
+    newcomer.join(limiter)
+    assert limiter.max_rate == 25.0, "until its lease goes stale, the silent holder keeps its share"
+
+
 def test_leases_of_long_dead_tasks_are_cleared(warehouse):
     import sqlalchemy as sa
 
