@@ -176,9 +176,15 @@ class BlueshiftStartTrackingOperator(BaseOperator):
             read_timeout=self.read_timeout,
             pool_maxsize=self.max_in_flight,
         )
+        limiter = AdaptiveRateLimiter(self.rate_limit)
+        budget = SharedBudget(warehouse, _holder(context), self.rate_limit)
         try:
             hook.get_conn()  # resolve the connection and key before any request
-            refused = self._send_all(hook, warehouse, dag_id, run_id, users, progress, _holder(context))
+            budget.join(limiter)
+            try:
+                refused = self._send_all(hook, warehouse, dag_id, run_id, users, progress, limiter, budget)
+            finally:
+                budget.leave()
         finally:
             hook.close()
 
@@ -211,28 +217,11 @@ class BlueshiftStartTrackingOperator(BaseOperator):
         run_id: str,
         users: list[tuple[str, str | None, str | None]],
         progress: ChunkProgress,
-        holder: str,
-    ) -> int | None:
-        """Send every user; return the 401/403 status if the key was refused, else None."""
-        limiter = AdaptiveRateLimiter(self.rate_limit)
-        budget = SharedBudget(warehouse, holder, self.rate_limit)
-        try:
-            budget.join(limiter)
-            return self._send_with(hook, warehouse, dag_id, run_id, users, progress, limiter, budget)
-        finally:
-            budget.leave()
-
-    def _send_with(
-        self,
-        hook: BlueshiftHook,
-        warehouse: Warehouse,
-        dag_id: str,
-        run_id: str,
-        users: list[tuple[str, str | None, str | None]],
-        progress: ChunkProgress,
         limiter: AdaptiveRateLimiter,
         budget: SharedBudget,
     ) -> int | None:
+        """Send every user at the task's share of the budget; return the 401/403 status if the key
+        was refused, else None."""
         breaker = CircuitBreaker()
         stop = threading.Event()
         refused: list[int] = []

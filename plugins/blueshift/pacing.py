@@ -13,6 +13,10 @@ def backoff_delay(attempt: int, *, base: float, cap: float, rng: random.Random) 
     return rng.uniform(0.0, min(cap, base * (2 ** (attempt - 1))))
 
 
+MIN_LATENESS_TOLERANCE_SECONDS = 0.005
+"""A thread woken this late (or half a slot, if more) still sends in its slot: ordinary wake-up lag."""
+
+
 class AdaptiveRateLimiter:
     """
     Space requests evenly at a rate that never exceeds ``max_rate`` requests/s, shared by threads.
@@ -23,6 +27,8 @@ class AdaptiveRateLimiter:
     ``max_rate / 50`` (so full speed returns within about 50 good answers).
 
     A plain token bucket would allow bursts above the budget after idle time; an even spacing does not.
+    A thread that wakes up long after its slot takes a new one rather than sending late, so a
+    process starved of CPU for a moment does not fire its overdue requests together.
     """
 
     def __init__(
@@ -46,13 +52,21 @@ class AdaptiveRateLimiter:
 
     def acquire(self) -> None:
         """Block until this caller may send one request."""
-        with self._lock:
-            now = self._clock()
-            slot = max(now, self._next_slot, self._paused_until)
-            self._next_slot = slot + 1.0 / self.rate
-        wait = slot - now
-        if wait > 0:
+        while True:
+            with self._lock:
+                now = self._clock()
+                slot = max(now, self._next_slot, self._paused_until)
+                self._next_slot = slot + 1.0 / self.rate
+                tolerance = max(0.5 / self.rate, MIN_LATENESS_TOLERANCE_SECONDS)
+            wait = slot - now
+            if wait <= 0:
+                return
             self._sleep(wait)
+            if self._clock() - slot <= tolerance:
+                return
+            # Woken long after the slot (the process was starved of CPU, e.g. while another task
+            # started): every thread that slept through its slot would now send at once, a burst
+            # above the rate. The missed slot is given up and a fresh one taken instead.
 
     def set_max_rate(self, max_rate: float) -> None:
         """Change the ceiling (this task's share of a shared budget); the pace scales with it."""

@@ -135,7 +135,8 @@ class Warehouse:
 
         from sqlalchemy.exc import OperationalError
 
-        for attempt in range(50):
+        attempts = 50  # 5 s in all
+        for attempt in range(1, attempts + 1):
             with self.engine.connect() as conn:
                 if str(conn.exec_driver_sql("PRAGMA journal_mode").scalar()).lower() == "wal":
                     return
@@ -143,7 +144,7 @@ class Warehouse:
                     conn.exec_driver_sql("PRAGMA journal_mode=WAL")
                     return
                 except OperationalError:
-                    if attempt == 49:
+                    if attempt == attempts:
                         raise
             time.sleep(0.1)
 

@@ -33,6 +33,31 @@ def test_slots_are_spaced_one_over_rate():
     assert clock.slept == pytest.approx([0.1, 0.2, 0.3, 0.4])
 
 
+class StarvedClock(FakeClock):
+    """Sleeps take as long as asked, but the first one overruns by ``starved`` seconds."""
+
+    def __init__(self, starved: float) -> None:
+        super().__init__()
+        self.starved = starved
+
+    def sleep(self, seconds: float) -> None:
+        super().sleep(seconds)
+        self.now += seconds + self.starved
+        self.starved = 0.0
+
+
+def test_a_thread_woken_late_takes_a_new_slot_instead_of_bursting():
+    clock = StarvedClock(starved=0.9)
+    limiter = AdaptiveRateLimiter(10.0, clock=clock, sleep=clock.sleep)
+    sent = []
+    for _ in range(4):
+        limiter.acquire()
+        sent.append(round(clock.now, 3))
+    # The second request's slot (0.1) passed while the process was starved until 1.0: it goes at
+    # 1.0 and the next ones keep their spacing, instead of two requests at 1.0.
+    assert sent == [0.0, 1.0, 1.1, 1.2]
+
+
 def test_real_threads_never_exceed_the_rate():
     limiter = AdaptiveRateLimiter(200.0)
     stamps: list[float] = []
