@@ -14,21 +14,25 @@ def backoff_delay(attempt: int, *, base: float, cap: float, rng: random.Random) 
 
 
 MIN_LATENESS_TOLERANCE_SECONDS = 0.005
-"""A thread woken this late (or half a slot, if more) still sends in its slot: ordinary wake-up lag."""
+"""A sender woken this late (or half an interval, if more) keeps the schedule: ordinary wake-up lag."""
+MAX_SLEEP_STEP_SECONDS = 0.1
 
 
 class AdaptiveRateLimiter:
     """
     Space requests evenly at a rate that never exceeds ``max_rate`` requests/s, shared by threads.
 
-    Each ``acquire()`` reserves the next free slot on a timeline spaced ``1 / rate`` apart, so any
-    number of threads together never go past the rate, in any second. The rate adapts like TCP's
-    congestion window: a 429 halves it (down to ``min_rate``), each success adds back
-    ``max_rate / 50`` (so full speed returns within about 50 good answers).
+    One thread at a time waits for the next send time, ``1 / rate`` after the previous send, with
+    the rate read when it is due; the others queue behind it. So no send time is handed out ahead:
+    when the rate drops (a 429, or a smaller share of the budget because another task joined) the
+    very next request already keeps the new spacing. (Handing out slots ahead, one per waiting
+    thread, kept up to a second of sends at the old rate: a burst above the budget each time a
+    task joined.) A sender woken a little late keeps the schedule; one woken long after its time
+    (the process was starved of CPU) does not catch up, so overdue requests never go out together.
+    The rate adapts like TCP's congestion window: a 429 halves it (down to ``min_rate``), each
+    success adds back ``max_rate / 50`` (so full speed returns within about 50 good answers).
 
-    A plain token bucket would allow bursts above the budget after idle time; an even spacing does not.
-    A thread that wakes up long after its slot takes a new one rather than sending late, so a
-    process starved of CPU for a moment does not fire its overdue requests together.
+    A plain token bucket would allow bursts above the budget after idle time; this does not.
     """
 
     def __init__(
@@ -46,27 +50,28 @@ class AdaptiveRateLimiter:
         self.rate = max_rate
         self._clock = clock
         self._sleep = sleep
-        self._next_slot = 0.0
+        self._last_sent: float | None = None
         self._lock = threading.Lock()
+        self._turn = threading.Lock()
         self._paused_until = 0.0
 
     def acquire(self) -> None:
         """Block until this caller may send one request."""
-        while True:
-            with self._lock:
-                now = self._clock()
-                slot = max(now, self._next_slot, self._paused_until)
-                self._next_slot = slot + 1.0 / self.rate
-                tolerance = max(0.5 / self.rate, MIN_LATENESS_TOLERANCE_SECONDS)
-            wait = slot - now
-            if wait <= 0:
-                return
-            self._sleep(wait)
-            if self._clock() - slot <= tolerance:
-                return
-            # Woken long after the slot (the process was starved of CPU, e.g. while another task
-            # started): every thread that slept through its slot would now send at once, a burst
-            # above the rate. The missed slot is given up and a fresh one taken instead.
+        with self._turn:
+            while True:
+                with self._lock:
+                    now = self._clock()
+                    interval = 1.0 / self.rate
+                    due = self._paused_until
+                    if self._last_sent is not None:
+                        due = max(due, self._last_sent + interval)
+                    if now >= due:
+                        late = now - due
+                        tolerance = max(0.5 * interval, MIN_LATENESS_TOLERANCE_SECONDS)
+                        self._last_sent = due if late <= tolerance else now
+                        return
+                # Sleep in short steps so that a change of rate or a pause applies while waiting.
+                self._sleep(min(due - now, MAX_SLEEP_STEP_SECONDS))
 
     def set_max_rate(self, max_rate: float) -> None:
         """Change the ceiling (this task's share of a shared budget); the pace scales with it."""

@@ -12,7 +12,7 @@ from blueshift.pacing import AdaptiveRateLimiter, CircuitBreaker, backoff_delay
 
 
 class FakeClock:
-    """A clock that stands still and records the sleeps asked of it."""
+    """A clock whose sleeps take exactly as long as asked, recorded."""
 
     def __init__(self) -> None:
         self.now = 0.0
@@ -23,14 +23,17 @@ class FakeClock:
 
     def sleep(self, seconds: float) -> None:
         self.slept.append(seconds)
+        self.now += seconds
 
 
 def test_slots_are_spaced_one_over_rate():
     clock = FakeClock()
     limiter = AdaptiveRateLimiter(10.0, clock=clock, sleep=clock.sleep)
+    sent = []
     for _ in range(5):
         limiter.acquire()
-    assert clock.slept == pytest.approx([0.1, 0.2, 0.3, 0.4])
+        sent.append(clock.now)
+    assert sent == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
 
 
 class StarvedClock(FakeClock):
@@ -41,8 +44,7 @@ class StarvedClock(FakeClock):
         self.starved = starved
 
     def sleep(self, seconds: float) -> None:
-        super().sleep(seconds)
-        self.now += seconds + self.starved
+        super().sleep(seconds + self.starved)
         self.starved = 0.0
 
 
@@ -83,6 +85,36 @@ def test_real_threads_never_exceed_the_rate():
     assert busiest <= 0.25 * 200 + 2
 
 
+def test_a_lower_rate_applies_to_the_very_next_request():
+    """Threads waiting to send do not hold send times at the old rate (no burst on a new share)."""
+    limiter = AdaptiveRateLimiter(100.0)
+    stamps: list[float] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def worker() -> None:
+        while not stop.is_set():
+            limiter.acquire()
+            with lock:
+                stamps.append(time.monotonic())
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.3)
+    limiter.set_max_rate(10.0)
+    changed = time.monotonic()
+    time.sleep(0.5)
+    stop.set()
+    limiter.set_max_rate(1000.0)  # let the waiting threads out
+    for thread in threads:
+        thread.join()
+    before = [s for s in stamps if s <= changed]
+    after = [s for s in stamps if changed < s <= changed + 0.5]
+    assert len(before) >= 20, "the pace before the change was 100/s"
+    assert len(after) <= 10 * 0.5 + 2, f"{len(after)} requests in 0.5 s after the rate fell to 10/s"
+
+
 def test_429_halves_and_success_recovers_additively():
     limiter = AdaptiveRateLimiter(50.0)
     limiter.on_throttled()
@@ -105,7 +137,7 @@ def test_pause_holds_every_caller():
     limiter = AdaptiveRateLimiter(100.0, clock=clock, sleep=clock.sleep)
     limiter.pause(2.0)
     limiter.acquire()
-    assert clock.slept == [2.0]
+    assert clock.now == pytest.approx(2.0)
 
 
 def test_backoff_is_capped_and_jittered():
