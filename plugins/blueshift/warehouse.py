@@ -11,7 +11,7 @@ and the audit task publishes the run's rows into ``audit_table`` in one transact
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -26,7 +26,7 @@ from blueshift.validation import bucket_of, storable
 
 if TYPE_CHECKING:
     import pandas as pd
-    from sqlalchemy.engine import Connection, Engine
+    from sqlalchemy.engine import Connection, Engine, Inspector
 
 CHUNK_TASK_DID_NOT_FINISH = "chunk task did not finish (see its log); the user was not confirmed sent"
 
@@ -86,11 +86,12 @@ class Warehouse:
         """Return the SQLAlchemy dialect name (``sqlite``, ``postgresql``, ...)."""
         return self.engine.dialect.name
 
-    def _create(self, table: str, ddl: str) -> None:
-        """Run ``CREATE TABLE IF NOT EXISTS``, tolerating another task creating it at the same moment.
+    def _create(self, ddl: str, created: Callable[[Inspector], bool]) -> None:
+        """Run a ``CREATE ... IF NOT EXISTS``, tolerating another task creating it at the same moment.
 
         PostgreSQL's ``IF NOT EXISTS`` is not safe under concurrency: the loser of the race gets a
-        unique violation on ``pg_type``; the table exists then, which is all we need.
+        unique violation on ``pg_type`` or ``pg_class``; the object exists then (``created`` says
+        so), which is all we need.
         """
         from sqlalchemy import inspect
         from sqlalchemy.exc import IntegrityError, ProgrammingError
@@ -99,30 +100,28 @@ class Warehouse:
             with self.engine.begin() as conn:
                 conn.execute(text(ddl))
         except (IntegrityError, ProgrammingError):
-            schema, _, name = table.rpartition(".")
-            if not inspect(self.engine).has_table(name, schema=schema or None):
+            if not created(inspect(self.engine)):
                 raise
 
-    def _create_index(self, table: str, name: str, columns: str) -> None:
-        """Run ``CREATE INDEX IF NOT EXISTS``, tolerating the same race as ``_create``."""
-        from sqlalchemy import inspect
-        from sqlalchemy.exc import IntegrityError, ProgrammingError
+    def _create_table(self, table: str, ddl: str) -> None:
+        schema, _, name = table.rpartition(".")
+        self._create(ddl, lambda inspector: inspector.has_table(name, schema=schema or None))
 
+    def _create_index(self, table: str, name: str, columns: str) -> None:
         schema, _, bare = table.rpartition(".")
         # The index lives in its table's schema: PostgreSQL names the schema on the table, SQLite
         # on the index.
-        statement = (
+        ddl = (
             f"CREATE INDEX IF NOT EXISTS {schema}.{name} ON {bare} ({columns})"
             if schema and self.dialect == "sqlite"
             else f"CREATE INDEX IF NOT EXISTS {name} ON {table} ({columns})"
         )
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(text(statement))
-        except (IntegrityError, ProgrammingError):
-            existing = inspect(self.engine).get_indexes(bare, schema=schema or None)
-            if name not in {index["name"] for index in existing}:
-                raise
+        self._create(
+            ddl,
+            lambda inspector: (
+                name in {index["name"] for index in inspector.get_indexes(bare, schema=schema or None)}
+            ),
+        )
 
     def _use_wal(self) -> None:
         """Put a SQLite warehouse in WAL mode: readers do not block the writer, so tasks run side by side.
@@ -152,7 +151,7 @@ class Warehouse:
         """Create the staging and audit tables if they do not exist."""
         if self.dialect == "sqlite":
             self._use_wal()
-        self._create(
+        self._create_table(
             self.staging_table,
             f"""
                     CREATE TABLE IF NOT EXISTS {self.staging_table} (
@@ -177,7 +176,7 @@ class Warehouse:
         self._create_index(
             self.staging_table, f"{self.staging_table.rpartition('.')[2]}_bucket", "dag_id, run_id, bucket"
         )
-        self._create(
+        self._create_table(
             self.audit_table,
             f"""
                     CREATE TABLE IF NOT EXISTS {self.audit_table} (
@@ -201,7 +200,7 @@ class Warehouse:
 
     def ensure_lease_table(self) -> None:
         """Create the table of budget leases (see ``blueshift.budget``) if it does not exist."""
-        self._create(
+        self._create_table(
             self.lease_table,
             f"CREATE TABLE IF NOT EXISTS {self.lease_table} "
             "(holder VARCHAR(500) PRIMARY KEY, heartbeat_at TIMESTAMP NOT NULL)",
