@@ -26,6 +26,7 @@ from typing import Any
 from airflow.sdk import CronDataIntervalTimetable, Param, TriggerRule, dag, get_current_context, task
 
 from blueshift.alerts import notify_failure, notify_run_failure
+from blueshift.exceptions import BlueshiftRunIncomplete
 from blueshift.operators import BlueshiftStartTrackingOperator
 from blueshift.settings import Settings
 
@@ -148,16 +149,21 @@ def blueshift_start_tracking() -> None:
     )
     def audit(chunks: Any, results: Any) -> dict[str, Any]:
         """Write every user's outcome to the audit table; fail the run if any user is left failed."""
-        from blueshift.pipeline import audit_run, raise_if_incomplete
+        from blueshift.pipeline import audit_run, finished_chunks, raise_if_incomplete
 
         context = get_current_context()
         prepared = context["ti"].xcom_pull(task_ids="extract_and_validate", key="summary")
+        if prepared is None:
+            raise BlueshiftRunIncomplete(
+                "extract_and_validate did not finish, so nothing of this window was staged or sent: "
+                "see its log for the cause, fix it, then clear the run"
+            )
         summary = audit_run(
             settings=SETTINGS,
             dag_id=context["dag"].dag_id,
             run_id=context["run_id"],
             prepared=prepared,
-            finished_chunks=len(results) if results is not None else 0,
+            finished_chunks=finished_chunks(results, prepared.get("plan")),
         )
         context["ti"].xcom_push(key="summary", value=summary)
         raise_if_incomplete(summary, SETTINGS)

@@ -163,12 +163,12 @@ class BlueshiftStartTrackingOperator(BaseOperator):
             marked = warehouse.mark_chunk(dag_id, run_id, bucket_lo, bucket_hi, Status.DRY_RUN.value)
             self.log.info("Chunk %s: dry run, %d users marked dry_run, nothing sent", chunk_id, marked)
             progress = ChunkProgress(total=marked, done=marked, by_status={Status.DRY_RUN.value: marked})
-            return self._summary(chunk_id, progress)
+            return self._summary(progress)
         users = warehouse.load_chunk(dag_id, run_id, bucket_lo, bucket_hi)
         self.log.info("Chunk %s: %d users to send", chunk_id, len(users))
         progress = ChunkProgress(total=len(users))
         if not users:
-            return self._summary(chunk_id, progress)
+            return self._summary(progress)
 
         hook = BlueshiftHook(
             self.blueshift_conn_id,
@@ -188,7 +188,7 @@ class BlueshiftStartTrackingOperator(BaseOperator):
         finally:
             hook.close()
 
-        summary = self._summary(chunk_id, progress)
+        summary = self._summary(progress)
         self.log.info(
             "Chunk %s finished: %s in %d requests (%d throttled)",
             chunk_id,
@@ -366,9 +366,12 @@ class BlueshiftStartTrackingOperator(BaseOperator):
             progress.requests,
         )
 
-    @staticmethod
-    def _summary(chunk_id: str, progress: ChunkProgress) -> dict[str, Any]:
-        summary: dict[str, Any] = {"chunk_id": chunk_id, "users": progress.total}
+    def _summary(self, progress: ChunkProgress) -> dict[str, Any]:
+        summary: dict[str, Any] = {
+            "chunk_id": str(self.chunk["chunk_id"]),
+            "plan": self.chunk.get("plan"),
+            "users": progress.total,
+        }
         for status in (Status.SUCCEEDED, Status.REJECTED, Status.FAILED, Status.DRY_RUN):
             summary[status.value] = progress.by_status.get(status.value, 0)
         summary["requests"] = progress.requests

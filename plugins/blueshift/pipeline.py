@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import uuid
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -138,12 +139,18 @@ def extract_and_stage(
     warehouse.analyze_staging()
     staged = warehouse.staged_counts(dag_id, run_id)
     users_total = sum(staged.values())
-    chunks = plan_chunks(
-        warehouse.pending_per_bucket(dag_id, run_id),
-        chunk_size=chunk_size,
-        max_chunks=settings.max_chunks,
-        min_chunks=settings.pool_slots,
-    )
+    # The plan id ties each chunk task's result to this try of the extract: after a re-run, XComs of
+    # map indexes the new plan no longer has are still readable, and must not count as finished.
+    plan = uuid.uuid4().hex[:12]
+    chunks = [
+        {**chunk, "plan": plan}
+        for chunk in plan_chunks(
+            warehouse.pending_per_bucket(dag_id, run_id),
+            chunk_size=chunk_size,
+            max_chunks=settings.max_chunks,
+            min_chunks=settings.pool_slots,
+        )
+    ]
     log.info(
         "Window [%s, %s): %d rows, %d users (%d duplicates removed), %d invalid, %d already succeeded, "
         "%d failed earlier carried over; %d to send in %d chunks",
@@ -170,6 +177,7 @@ def extract_and_stage(
         "invalid": staged.get(Status.INVALID.value, 0),
         "to_send": staged.get(Status.PENDING.value, 0),
         "carry_over_since": carry_over_since.isoformat() if carry_over_since else None,
+        "plan": plan,
         "chunks": chunks,
     }
 
@@ -186,6 +194,11 @@ def _checked(frames: Iterable[Any], settings: Settings) -> Iterable[Any]:
         yield frame
 
 
+def finished_chunks(results: Iterable[Any] | None, plan: str | None) -> int:
+    """Return how many chunk tasks of this plan returned a result (a failed task returns nothing)."""
+    return sum(1 for result in results or () if isinstance(result, dict) and result.get("plan") == plan)
+
+
 def audit_run(
     *,
     settings: Settings,
@@ -198,7 +211,7 @@ def audit_run(
 
     ``raise_if_incomplete`` then decides the run's fate from the counts.
 
-    :param finished_chunks: how many chunk tasks returned (a failed task returns nothing).
+    :param finished_chunks: how many chunk tasks of the run's plan returned (see ``finished_chunks``).
     :return: per-status counts of the run (no customer data).
     """
     warehouse = warehouse_from(settings)

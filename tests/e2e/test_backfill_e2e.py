@@ -8,9 +8,9 @@ failed users carried over by the next day's scheduled run.
 from __future__ import annotations
 
 import json
-import time
 from collections import Counter
 from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 
@@ -19,8 +19,11 @@ from tests.dags.conftest import audit_rows, seed_source, users_of_day
 from tests.e2e.airflow_stack import AirflowStack
 
 DAG_ID = "blueshift_start_tracking"
-DAYS = [f"2026-11-{day}" for day in range(18, 26)]
 PER_DAY = 30
+
+
+def _day(today: date, offset: int) -> str:
+    return (today + timedelta(days=offset)).isoformat()
 
 
 @pytest.fixture
@@ -51,53 +54,59 @@ def _applied_ids(standin) -> Counter[str]:
 
 
 def test_schedule_backfill_rerun_dry_run_and_carry_over(stack, postgres_warehouse, standin):
-    users = {day: users_of_day(day, PER_DAY) for day in DAYS}
-    seed_source(postgres_warehouse.url, [row for day in DAYS for row in users[day]])
+    # Every date is relative to the day the scheduler sees: unpausing creates the run of the last
+    # whole day before now, so the test holds on any day of any year. Days -9 .. +1 are seeded so
+    # that a test started just before midnight UTC still finds its users.
+    today = datetime.now(UTC).date()
+    users = {_day(today, offset): users_of_day(_day(today, offset), PER_DAY) for offset in range(-9, 2)}
+    seed_source(postgres_warehouse.url, [row for rows in users.values() for row in rows])
     stack.wait_for_dag(DAG_ID)
     assert stack.api("GET", f"/dags/{DAG_ID}")["is_paused"], "new DAGs start paused, as in production"
 
-    # 1. A run with injected faults leaves three users of 2026-11-23 failed. (A manual run with
-    #    logical date D covers [D-1, D); a scheduled or backfill run with logical date D covers [D, D+1).)
-    failing = [row[0] for row in users["2026-11-23"][:3]]
+    # 1. A run with injected faults leaves three users of day -3 failed. (A manual run with logical
+    #    date D covers [D-1, D); a scheduled or backfill run with logical date D covers [D, D+1).)
+    failed_day = _day(today, -3)
+    failing = [row[0] for row in users[failed_day][:3]]
     standin.state.config.fixed = {customer_id: 503 for customer_id in failing}
-    local = stack.airflow("dags", "test", DAG_ID, "2026-11-24", timeout=600)
+    local = stack.airflow("dags", "test", DAG_ID, _day(today, -2), timeout=600)
     assert "state=failed" in local.stdout + local.stderr, (local.stdout + local.stderr)[-3000:]
     audit = {row["customer_id"]: row for row in audit_rows(postgres_warehouse.url)}
     assert [audit[customer_id]["status"] for customer_id in failing] == ["failed"] * 3
     standin.state.config.fixed = {}
 
-    # 2. Unpausing starts the latest scheduled run, [11-25, 11-26): it carries the failed users over.
+    # 2. Unpausing starts the latest scheduled run, [yesterday, today): it carries the failed users
+    #    over (they are within BLUESHIFT_CARRY_OVER_DAYS of it).
     stack.api("PATCH", f"/dags/{DAG_ID}", json={"is_paused": False})
     scheduled = stack.wait_for_runs(DAG_ID, run_type="scheduled", timeout=300)
     assert len(scheduled) == 1
     assert scheduled[0]["state"] == "success", stack.logs_tail()
+    scheduled_day = scheduled[0]["data_interval_start"][:10]
+    assert scheduled_day in (_day(today, -1), _day(today, 0)), scheduled[0]
     audit = {
         (str(row["window_start"])[:10], row["customer_id"]): row for row in audit_rows(postgres_warehouse.url)
     }
     for customer_id in failing:
-        assert audit[("2026-11-23", customer_id)]["status"] == "succeeded"
-        assert audit[("2026-11-23", customer_id)]["run_id"] == scheduled[0]["dag_run_id"]
-    assert all(audit[("2026-11-25", row[0])]["status"] == "succeeded" for row in users["2026-11-25"])
+        assert audit[(failed_day, customer_id)]["status"] == "succeeded"
+        assert audit[(failed_day, customer_id)]["run_id"] == scheduled[0]["dag_run_id"]
+    assert all(audit[(scheduled_day, row[0])]["status"] == "succeeded" for row in users[scheduled_day])
 
     # 3. A backfill over three days, three runs at once, as the UI's Backfill button does.
+    first, last = _day(today, -6), _day(today, -4)
     before = standin.state.requests
     applied_before = _applied_ids(standin)
-    backfill = stack.api(
-        "POST",
-        "/backfills",
-        json={
-            "dag_id": DAG_ID,
-            "from_date": "2026-11-20T00:00:00Z",
-            "to_date": "2026-11-22T00:00:00Z",
-            "max_active_runs": 3,
-        },
-    )
+    range_json = {
+        "dag_id": DAG_ID,
+        "from_date": f"{first}T00:00:00Z",
+        "to_date": f"{last}T00:00:00Z",
+        "max_active_runs": 3,
+    }
+    backfill = stack.api("POST", "/backfills", json=range_json)
     stack.wait_for_backfill(backfill["id"])
     runs = [run for run in stack.dag_runs(DAG_ID) if run["run_type"] == "backfill"]
     assert len(runs) == 3
     assert {run["state"] for run in runs} == {"success"}, stack.logs_tail()
     windows = sorted(run["data_interval_start"][:10] for run in runs)
-    assert windows == ["2026-11-20", "2026-11-21", "2026-11-22"]
+    assert windows == [first, _day(today, -5), last]
     rows = audit_rows(postgres_warehouse.url)
     backfilled = [row for row in rows if str(row["window_start"])[:10] in windows]
     assert len(backfilled) == 3 * PER_DAY
@@ -106,7 +115,7 @@ def test_schedule_backfill_rerun_dry_run_and_carry_over(stack, postgres_warehous
     applied = _applied_ids(standin)
     for day in windows:
         assert all(applied[row[0]] == 1 for row in users[day]), "each user of the range sent exactly once"
-    for day in ("2026-11-19", "2026-11-23"):
+    for day in (_day(today, -7), failed_day):
         assert all(applied[row[0]] == applied_before[row[0]] for row in users[day]), (
             "nothing outside the range"
         )
@@ -114,36 +123,27 @@ def test_schedule_backfill_rerun_dry_run_and_carry_over(stack, postgres_warehous
 
     # 4. The same backfill again, reprocessing completed runs: nothing is sent again.
     count_before, requests_before = len(rows), standin.state.requests
-    again = stack.api(
-        "POST",
-        "/backfills",
-        json={
-            "dag_id": DAG_ID,
-            "from_date": "2026-11-20T00:00:00Z",
-            "to_date": "2026-11-22T00:00:00Z",
-            "max_active_runs": 3,
-            "reprocess_behavior": "completed",
-        },
-    )
+    again = stack.api("POST", "/backfills", json={**range_json, "reprocess_behavior": "completed"})
     stack.wait_for_backfill(again["id"])
+    rerun = [run for run in stack.dag_runs(DAG_ID) if run["run_type"] == "backfill"]
+    assert {run["state"] for run in rerun} == {"success"}, stack.logs_tail()
     assert standin.state.requests == requests_before
     assert len(audit_rows(postgres_warehouse.url)) == count_before
 
-    # 5. A triggered dry run sends nothing and audits dry_run.
+    # 5. A triggered dry run (logical date day -7: the window of day -8) sends nothing, audits dry_run.
     dry = stack.api(
         "POST",
         f"/dags/{DAG_ID}/dagRuns",
-        json={"logical_date": "2026-11-19T00:00:00Z", "conf": {"dry_run": True}},
+        json={"logical_date": f"{_day(today, -7)}T00:00:00Z", "conf": {"dry_run": True}},
     )
     finished = stack.wait_for_runs(DAG_ID, {dry["dag_run_id"]})
     assert finished[0]["state"] == "success"
     assert standin.state.requests == requests_before
     dry_rows = [
-        row for row in audit_rows(postgres_warehouse.url) if str(row["window_start"])[:10] == "2026-11-18"
+        row for row in audit_rows(postgres_warehouse.url) if str(row["window_start"])[:10] == _day(today, -8)
     ]
     assert len(dry_rows) == PER_DAY
     assert {row["status"] for row in dry_rows} == {"dry_run"}
     FIGURES.append(
         f"e2e: {standin.state.requests} requests, busiest second {standin.state.snapshot()['busiest_second']}"
     )
-    time.sleep(0)

@@ -8,6 +8,7 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psutil
@@ -63,17 +64,27 @@ def _sending_pids(port: int) -> set[int]:
     return pids
 
 
+def _manual_window() -> tuple[str, str]:
+    """Return a past day and the logical date of the manual run that covers it.
+
+    Unpausing creates the scheduled run of yesterday; a manual run with the same logical date at the
+    same moment makes the scheduler fail on a unique key, so the manual run is a month back, computed
+    from today so that the test holds on any day.
+    """
+    logical = datetime.now(UTC).date() - timedelta(days=30)
+    return (logical - timedelta(days=1)).isoformat(), f"{logical.isoformat()}T00:00:00Z"
+
+
 def test_chunk_killed_mid_chunk_is_finished_by_airflow_retry(crash_stack, postgres_warehouse, standin):
-    users = users_of_day("2026-11-23", 200)
+    window, logical_date = _manual_window()
+    users = users_of_day(window, 200)
     seed_source(postgres_warehouse.url, users)
     crash_stack.wait_for_dag(DAG_ID)
-    # Unpausing creates the scheduled run of logical date 2026-11-25; a manual run with the same
-    # logical date at the same moment makes the scheduler fail on a unique key, so use another date.
     crash_stack.api("PATCH", f"/dags/{DAG_ID}", json={"is_paused": False})
     run = crash_stack.api(
         "POST",
         f"/dags/{DAG_ID}/dagRuns",
-        json={"logical_date": "2026-11-24T00:00:00Z", "conf": {"chunk_size": 200}},
+        json={"logical_date": logical_date, "conf": {"chunk_size": 200}},
     )
     port = int(standin.url.rsplit(":", 1)[1])
     deadline = time.monotonic() + 180
@@ -128,10 +139,11 @@ def test_missing_pool_fails_the_run_with_an_alert_that_names_the_fix(
     missing_pool_stack, postgres_warehouse, standin
 ):
     stack, alert = missing_pool_stack
-    seed_source(postgres_warehouse.url, users_of_day("2026-11-23", 20))
+    window, logical_date = _manual_window()
+    seed_source(postgres_warehouse.url, users_of_day(window, 20))
     stack.wait_for_dag(DAG_ID)
     stack.api("PATCH", f"/dags/{DAG_ID}", json={"is_paused": False})
-    run = stack.api("POST", f"/dags/{DAG_ID}/dagRuns", json={"logical_date": "2026-11-24T00:00:00Z"})
+    run = stack.api("POST", f"/dags/{DAG_ID}/dagRuns", json={"logical_date": logical_date})
 
     finished = stack.wait_for_runs(DAG_ID, {run["dag_run_id"]}, timeout=240)
     assert finished[0]["state"] == "failed"

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from blueshift.exceptions import BlueshiftConfigError
-from blueshift.pipeline import plan_chunks, read_extract_sql
+from blueshift.pipeline import finished_chunks, plan_chunks, read_extract_sql
 from blueshift.settings import DEFAULT_EXTRACT_SQL, Settings
 from blueshift.validation import BUCKETS
 
@@ -106,3 +106,11 @@ def test_bad_settings_name_the_variable(name, value, message):
 
 def test_schema_qualified_table_is_allowed():
     assert Settings.from_env({"BLUESHIFT_AUDIT_TABLE": "marketing.audit"}).audit_table == "marketing.audit"
+
+
+def test_only_chunk_results_of_the_current_plan_count_as_finished():
+    """After a re-run, results of map indexes from an earlier plan are still readable: not this plan's."""
+    results = [{"chunk_id": "b000-0ff", "plan": "old"}, {"chunk_id": "b100-fff", "plan": "new"}, None]
+    assert finished_chunks(results, "new") == 1
+    assert finished_chunks(results, "other") == 0
+    assert finished_chunks(None, "new") == 0
