@@ -18,6 +18,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+PG_DSN = os.environ.get("BLUESHIFT_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+"""The PostgreSQL server the tests create their databases on (an admin DSN); read before the
+``BLUESHIFT_*`` variables of the developer's shell are cleared below."""
 AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="blueshift-tests-airflow-"))
 os.environ.update(
     {
@@ -30,7 +33,9 @@ os.environ.update(
     }
 )
 for name in list(os.environ):
-    if name.startswith(("BLUESHIFT_", "AIRFLOW_CONN_")):
+    # The shell's pipeline settings and connections must not leak into tests; BLUESHIFT_TEST_* are
+    # the suite's own settings and stay (the e2e stack reads BLUESHIFT_TEST_PG too).
+    if name.startswith(("BLUESHIFT_", "AIRFLOW_CONN_")) and not name.startswith("BLUESHIFT_TEST_"):
         del os.environ[name]
 
 FIGURES: list[str] = []
@@ -44,7 +49,6 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             terminalreporter.write_line(line)
 
 
-PG_DSN = os.environ.get("BLUESHIFT_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 API_KEY = "sk-test-7Hq2ZxV9pL4mN8rT"
 
 
@@ -88,6 +92,42 @@ def sqlite_warehouse(tmp_path: Path) -> WarehouseDb:
     return _sqlite_warehouse(tmp_path)
 
 
+def free_loopback_port() -> int:
+    """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def pg_url(database: str) -> str:
+    """Return the SQLAlchemy URL of ``database`` on the test PostgreSQL server."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(PG_DSN).set(drivername="postgresql+psycopg", database=database)
+    return url.render_as_string(hide_password=False)
+
+
+def pg_conn_json(database: str) -> str:
+    """Return the Airflow connection JSON of ``database`` on the test PostgreSQL server."""
+    import json
+
+    from sqlalchemy.engine import make_url
+
+    url = make_url(PG_DSN)
+    conn = {
+        "conn_type": "postgres",
+        "host": url.host or "127.0.0.1",
+        "port": url.port or 5432,
+        "login": url.username or "postgres",
+        "schema": database,
+    }
+    if url.password:
+        conn["password"] = url.password
+    return json.dumps(conn)
+
+
 @pytest.fixture
 def postgres_warehouse() -> Iterator[WarehouseDb]:
     """A PostgreSQL database created for the test and dropped after it."""
@@ -96,11 +136,7 @@ def postgres_warehouse() -> Iterator[WarehouseDb]:
     name = f"blueshift_test_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(PG_DSN, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
-    conn_json = (
-        '{"conn_type": "postgres", "host": "127.0.0.1", "port": 5432, "login": "postgres", '
-        f'"schema": "{name}"}}'
-    )
-    yield WarehouseDb("postgres", conn_json, f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}")
+    yield WarehouseDb("postgres", pg_conn_json(name), pg_url(name))
     with psycopg.connect(PG_DSN, autocommit=True) as admin:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseHook
 from sqlalchemy import DateTime, Integer, String, bindparam, text
 
+from blueshift.engines import safe_engine
 from blueshift.exceptions import BlueshiftConfigError
 from blueshift.outcomes import Status
 from blueshift.settings import validate_identifier
@@ -79,7 +80,7 @@ class Warehouse:
         if connection.conn_type == "sqlite":
             # Several chunk tasks write at once; wait for SQLite's lock instead of failing after 5 s.
             engine_kwargs["connect_args"] = {"timeout": 60}
-        return hook.get_sqlalchemy_engine(engine_kwargs=engine_kwargs)
+        return safe_engine(hook, **engine_kwargs)
 
     @property
     def dialect(self) -> str:
