@@ -18,13 +18,12 @@ from blueshift.budget import SharedBudget
 from blueshift.exceptions import BlueshiftAuthError, BlueshiftChunkIncomplete, BlueshiftConfigError
 from blueshift.hooks import BlueshiftHook
 from blueshift.outcomes import Status, Verdict, classify, redact
-from blueshift.pacing import AdaptiveRateLimiter, CircuitBreaker, backoff_delay
+from blueshift.pacing import AdaptiveRateLimiter, CircuitBreaker, backoff_delay, retry_after_seconds
 from blueshift.warehouse import Warehouse
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
-MAX_RETRY_AFTER_SECONDS = 120.0
 FLUSH_EVERY_SECONDS = 1.0
 FLUSH_EVERY_OUTCOMES = 500
 
@@ -36,17 +35,6 @@ def as_bool(value: object, name: str) -> bool:
     if isinstance(value, str) and value.strip().lower() in {"true", "false", "1", "0", "yes", "no"}:
         return value.strip().lower() in {"true", "1", "yes"}
     raise BlueshiftConfigError(f"Param {name!r} must be true or false, got {value!r}")
-
-
-def retry_after_seconds(response: requests.Response) -> float | None:
-    """Return the Retry-After delay in seconds if the answer carries one (Blueshift sends none today)."""
-    value = response.headers.get("Retry-After")
-    if value is None:
-        return None
-    try:
-        return min(max(float(value), 0.0), MAX_RETRY_AFTER_SECONDS)
-    except ValueError:
-        return None
 
 
 @dataclass
@@ -338,7 +326,7 @@ class BlueshiftStartTrackingOperator(BaseOperator):
                     return _outcome(key, Status.REJECTED, http_status, attempt, reason)
                 if http_status == 429:
                     limiter.on_throttled()
-                retry_after = retry_after_seconds(response)
+                retry_after = retry_after_seconds(response.headers.get("Retry-After"))
                 error = redact(f"HTTP {http_status}: {response.text}")
             pause = breaker.record_failure()
             if pause:

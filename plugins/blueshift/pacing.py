@@ -6,6 +6,35 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+
+MAX_RETRY_AFTER_SECONDS = 120.0
+"""A longer Retry-After is cut to this: the task's own attempts and Airflow's retries take over."""
+
+
+def retry_after_seconds(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Return the wait a ``Retry-After`` header asks for, or None if there is none or it is unreadable.
+
+    RFC 9110 allows both forms: a number of seconds (``120``) and an HTTP date
+    (``Wed, 21 Oct 2026 07:28:00 GMT``). Blueshift sends none today; honouring one costs nothing.
+    """
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            moment = parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if moment.tzinfo is None:  # an HTTP date is always GMT; obsolete forms may omit the zone
+            moment = moment.replace(tzinfo=UTC)
+        seconds = (moment - (now or datetime.now(UTC))).total_seconds()
+    if seconds != seconds:  # NaN
+        return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_SECONDS)
 
 
 def backoff_delay(attempt: int, *, base: float, cap: float, rng: random.Random) -> float:

@@ -142,9 +142,17 @@ def test_dropped_connections_and_timeouts_are_retried(warehouse, blueshift, faul
     assert sum(row["status"] == "succeeded" for row in rows) >= 25
 
 
-def test_retry_after_is_honoured(warehouse, blueshift, requests_mock, monkeypatch):
-    """A Retry-After header, if Blueshift ever sends one, delays the next attempt."""
+@pytest.mark.parametrize("form", ["seconds", "http-date"])
+def test_retry_after_is_honoured(warehouse, blueshift, requests_mock, monkeypatch, form):
+    """A Retry-After header, if Blueshift ever sends one, delays the next attempt (both RFC 9110 forms)."""
     import time
+    from datetime import UTC, datetime, timedelta
+    from email.utils import format_datetime
+
+    # An HTTP date has whole seconds: two seconds ahead is a wait of more than one.
+    retry_after = (
+        "1" if form == "seconds" else format_datetime(datetime.now(UTC) + timedelta(seconds=2), usegmt=True)
+    )
 
     monkeypatch.setenv(
         "AIRFLOW_CONN_BLUESHIFT_DEFAULT",
@@ -152,7 +160,10 @@ def test_retry_after_is_honoured(warehouse, blueshift, requests_mock, monkeypatc
     )
     requests_mock.post(
         "https://api.getblueshift.com/api/v1/customers/unforget",
-        [{"status_code": 429, "headers": {"Retry-After": "1"}, "json": {}}, {"json": {"status": "ok"}}],
+        [
+            {"status_code": 429, "headers": {"Retry-After": retry_after}, "json": {}},
+            {"json": {"status": "ok"}},
+        ],
     )
     stage(warehouse, [("C-1", None)])
     started = time.monotonic()

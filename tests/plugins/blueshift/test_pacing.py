@@ -5,10 +5,17 @@ from __future__ import annotations
 import random
 import threading
 import time
+from datetime import UTC, datetime
 
 import pytest
 
-from blueshift.pacing import AdaptiveRateLimiter, CircuitBreaker, backoff_delay
+from blueshift.pacing import (
+    MAX_RETRY_AFTER_SECONDS,
+    AdaptiveRateLimiter,
+    CircuitBreaker,
+    backoff_delay,
+    retry_after_seconds,
+)
 
 
 class FakeClock:
@@ -159,3 +166,28 @@ def test_circuit_opens_after_a_storm_and_closes_on_success():
     breaker.record_success()
     assert [breaker.record_failure() for _ in range(3)] == [0.0, 0.0, 1.0]
     assert breaker.opened == 5
+
+
+NOW = datetime(2026, 10, 21, 7, 28, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ("3", 3.0),
+        (" 1.5 ", 1.5),
+        ("-4", 0.0),
+        ("100000", MAX_RETRY_AFTER_SECONDS),
+        ("Wed, 21 Oct 2026 07:28:07 GMT", 7.0),  # IMF-fixdate, RFC 9110's preferred form
+        ("Wednesday, 21-Oct-26 07:28:30 GMT", 30.0),  # obsolete RFC 850 form
+        ("Wed Oct 21 07:28:02 2026", 2.0),  # obsolete asctime form, no zone: GMT
+        ("Wed, 21 Oct 2026 07:27:00 GMT", 0.0),  # in the past: no wait
+        ("Wed, 21 Oct 2026 09:28:00 GMT", MAX_RETRY_AFTER_SECONDS),
+        ("soon", None),
+        ("", None),
+        (None, None),
+        ("nan", None),
+    ],
+)
+def test_retry_after_reads_seconds_and_http_dates(header, expected):
+    assert retry_after_seconds(header, now=NOW) == expected
