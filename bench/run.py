@@ -2,12 +2,17 @@
 
     python bench/run.py                      # every case, median of 3 runs each
     python bench/run.py --cases budget --runs 1
+    python bench/run.py --cases compare --runs 1   # loop vs thread pool vs pipeline, small
 
 Cases (the throughput issue's goals in brackets):
   budget    20,000 users, stand-in 100 ms latency and a 50 req/s limit answered with 429
             [users/s / 50 >= 0.95, 429s <= 1% of requests]
-  speed     100,000 users, no limit, 20 ms latency, budget 10,000/s; and a one-request-at-a-time
-            loop over a sample of the same users [>= 1,000 users/s, >= 20x the loop]
+  speed     100,000 users, stand-in with no limit and 20 ms latency, BLUESHIFT_RATE_LIMIT 10,000/s;
+            in the same run, against the same stand-in, over the same users: a one-request-at-a-time
+            loop (a sample of them) and a plain ThreadPoolExecutor of BLUESHIFT_MAX_IN_FLIGHT threads
+            over HttpHook.run (all of them) [>= 1,000 users/s, >= 20x the loop]
+  compare   the speed case at 5,000 users (a sample of 500 for the loop): the three figures in a
+            few minutes
   backfill  a three-day backfill, three runs at once, 50 req/s budget
             [busiest second <= budget + 10%, combined rate >= 0.9 x budget]
   scale     1,000,000 and 100,000 users in one window, dry run [peak RSS of every task process
@@ -31,7 +36,9 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -47,6 +54,7 @@ sys.path.insert(0, str(ROOT / "plugins"))
 from tests.e2e.airflow_stack import PG_ADMIN_DSN, AirflowStack, free_port  # noqa: E402
 
 DAG_ID = "blueshift_start_tracking"
+ENDPOINT = "/api/v1/customers/unforget"
 API_KEY = "bench-key-" + uuid.uuid4().hex[:8]
 
 
@@ -203,24 +211,129 @@ def case_budget(runs: int, users: int = 20_000) -> dict[str, Any]:
     }
 
 
-def sequential_rate(standin: StandInProcess, sample: int) -> float:
-    """Users/s of a plain one-request-at-a-time loop with the same hook over the same stand-in."""
+def window_users(dsn: str, window_day: str) -> list[dict[str, str]]:
+    """The window's users as the pipeline sends them (the seeded rows are already normalized)."""
+    start = datetime.fromisoformat(window_day)
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT customer_id, email FROM reconsented_users "
+            "WHERE consented_at >= %s AND consented_at < %s ORDER BY consented_at",
+            (start, start + timedelta(days=1)),
+        ).fetchall()
+    return [
+        {name: value for name, value in (("customer_id", customer_id), ("email", email)) if value}
+        for customer_id, email in rows
+    ]
+
+
+def stand_in_conditions(state: dict[str, Any]) -> dict[str, Any]:
+    """The stand-in's settings while a side ran, read back from it (not assumed)."""
+    config = state["config"]
+    return {"stand_in_latency_ms": config["latency_ms"], "stand_in_rate_limit": config["rate_limit"]}
+
+
+def side_figures(users: int, seconds: float, state: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "users": users,
+        "seconds": round(seconds, 2),
+        "users_per_s": users / seconds,
+        "users_per_s_sending": users / max(send_window(state), 1.0),
+        "statuses": state["statuses"],
+        **stand_in_conditions(state),
+    }
+
+
+def sequential_side(standin: StandInProcess, payloads: list[dict[str, str]]) -> dict[str, Any]:
+    """A plain one-request-at-a-time loop with the pipeline's hook over the same stand-in."""
     os.environ["AIRFLOW_CONN_BLUESHIFT_DEFAULT"] = json.dumps(
         {"conn_type": "http", "host": standin.url, "login": API_KEY}
     )
     from blueshift.hooks import BlueshiftHook
 
+    standin.reset()
     hook = BlueshiftHook()
     started = time.perf_counter()
-    for n in range(sample):
-        hook.start_tracking({"customer_id": f"SEQ-{n}", "email": f"seq{n}@example.com"})
+    for payload in payloads:
+        hook.start_tracking(payload)
     elapsed = time.perf_counter() - started
     hook.close()
-    return sample / elapsed
+    return {
+        **side_figures(len(payloads), elapsed, standin.state()),
+        "in_flight": 1,
+        "client_budget": None,
+    }
 
 
-def case_speed(runs: int, users: int = 100_000, sample: int = 2_000) -> dict[str, Any]:
-    standin = StandInProcess("--latency-ms", "20")
+def thread_pool_side(
+    standin: StandInProcess, payloads: list[dict[str, str]], threads: int, read_seconds: float
+) -> dict[str, Any]:
+    """What a user would write instead: a ThreadPoolExecutor over the http provider's HttpHook.
+
+    One hook per thread (its keep-alive adapter is not shared between threads); ``run`` builds a
+    session per call, as it does in any task. The connection carries the key as its login and an
+    empty password: without ``"password": ""`` HttpHook sends ``Basic base64("KEY:None")`` and
+    every request is a 401 (the statuses are in the figures to show it did not happen).
+    Its whole run is the read of the window from the warehouse (``read_seconds``) plus the sending.
+    """
+    conn_id = "blueshift_plain_pool"
+    os.environ[f"AIRFLOW_CONN_{conn_id.upper()}"] = json.dumps(
+        {"conn_type": "http", "host": standin.url, "login": API_KEY, "password": ""}
+    )
+    from airflow.providers.http.hooks.http import HttpHook
+
+    local = threading.local()
+
+    def send(payload: dict[str, str]) -> int:
+        hook = getattr(local, "hook", None)
+        if hook is None:
+            hook = local.hook = HttpHook(method="POST", http_conn_id=conn_id)
+        response = hook.run(ENDPOINT, json=payload, extra_options={"check_response": False})
+        return int(response.status_code)
+
+    standin.reset()
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        answered = Counter(pool.map(send, payloads))
+    elapsed = time.perf_counter() - started
+    figures = side_figures(len(payloads), read_seconds + elapsed, standin.state())
+    figures["read_seconds"] = round(read_seconds, 2)
+    figures["client_statuses"] = {str(status): count for status, count in sorted(answered.items())}
+    return {**figures, "in_flight": threads, "client_budget": None}
+
+
+def print_comparison(name: str, index: int, result: dict[str, Any]) -> None:
+    """The three sides with the conditions each ran at, for a reader rather than a parser."""
+
+    def limit(value: float | None) -> str:
+        return f"{value:,.0f} req/s" if value else "none"
+
+    loop, pool, pipe = result["loop"], result["thread_pool"], result["pipeline"]
+    lines = [
+        f"{name} run {index}, {pipe['users']:,} users: users/s over the whole side | while sending (first to"
+        " last second with a request at the stand-in); same stand-in process and machine, one after the other"
+    ]
+    for label, side, whole in (
+        ("one-at-a-time loop (BlueshiftHook)", loop, "whole = the loop"),
+        (f"ThreadPoolExecutor({pool['in_flight']}) x HttpHook.run", pool, "whole = read + send"),
+        ("pipeline (the DAG run)", pipe, "whole = trigger to audit done"),
+    ):
+        lines.append(
+            f"  {label:<38} {side['users_per_s']:>8,.1f} | {side['users_per_s_sending']:>8,.1f}"
+            f"  ({whole}; {side['users']:,} users, {side['in_flight']} in flight, client budget "
+            f"{limit(side['client_budget'])}, stand-in limit {limit(side['stand_in_rate_limit'])}, "
+            f"stand-in latency {side['stand_in_latency_ms']:g} ms, statuses {side['statuses']})"
+        )
+    versus_loop = f"{result['speedup_run']:.1f}x whole, {result['speedup_sending']:.1f}x while sending"
+    versus_pool = (
+        f"{result['speedup_vs_pool_run']:.1f}x whole, {result['speedup_vs_pool_sending']:.1f}x while sending"
+    )
+    lines.append(f"  pipeline ÷ loop {versus_loop}; pipeline ÷ thread pool {versus_pool}")
+    print("\n".join(lines), flush=True)
+
+
+def case_speed(runs: int, users: int = 100_000, sample: int = 2_000, name: str = "speed") -> dict[str, Any]:
+    latency_ms, rate_limit, pool_slots, in_flight = 20, 10_000, 4, 48
+    standin = StandInProcess("--latency-ms", str(latency_ms))
     days = [f"2026-11-{10 + i:02d}" for i in range(runs)]
     results = []
     with warehouse_db() as (conn_json, dsn):
@@ -228,40 +341,77 @@ def case_speed(runs: int, users: int = 100_000, sample: int = 2_000) -> dict[str
         stack = make_stack(
             conn_json,
             standin,
-            BLUESHIFT_RATE_LIMIT="10000",
-            BLUESHIFT_POOL_SLOTS="4",
-            BLUESHIFT_MAX_IN_FLIGHT="48",
+            BLUESHIFT_RATE_LIMIT=str(rate_limit),
+            BLUESHIFT_POOL_SLOTS=str(pool_slots),
+            BLUESHIFT_MAX_IN_FLIGHT=str(in_flight),
         )
         try:
             stack.start()
             stack.wait_for_dag(DAG_ID)
             stack.api("PATCH", f"/dags/{DAG_ID}", json={"is_paused": False})
-            for day in days:
+            for index, day in enumerate(days, start=1):
                 standin.reset()
                 run = trigger(stack, day, {"chunk_size": 10_000})
                 state = standin.state()
-                sequential = sequential_rate(standin, sample)
+                read_started = time.perf_counter()
+                payloads = window_users(dsn, day)
+                read_seconds = time.perf_counter() - read_started
+                pipeline = {
+                    **side_figures(users, run_seconds(run), state),
+                    "state": run["state"],
+                    "in_flight": f"{pool_slots} slots x {in_flight}",
+                    "client_budget": rate_limit,
+                }
+                loop = sequential_side(standin, payloads[:sample])
+                pool = thread_pool_side(standin, payloads, in_flight, read_seconds)
                 result = {
                     "state": run["state"],
-                    "users_per_s_run": users / run_seconds(run),
-                    "users_per_s_sending": users / send_window(state),
-                    "sequential_users_per_s": sequential,
+                    "users_per_s_run": pipeline["users_per_s"],
+                    "users_per_s_sending": pipeline["users_per_s_sending"],
+                    "sequential_users_per_s": loop["users_per_s"],
+                    "pool_users_per_s": pool["users_per_s"],
+                    "pool_users_per_s_sending": pool["users_per_s_sending"],
                     "run_seconds": run_seconds(run),
+                    "speedup_run": pipeline["users_per_s"] / loop["users_per_s"],
+                    "speedup_sending": pipeline["users_per_s_sending"] / loop["users_per_s_sending"],
+                    "speedup_vs_pool_run": pipeline["users_per_s"] / pool["users_per_s"],
+                    "speedup_vs_pool_sending": pipeline["users_per_s_sending"] / pool["users_per_s_sending"],
+                    "pipeline": pipeline,
+                    "loop": loop,
+                    "thread_pool": pool,
                 }
-                result["speedup_run"] = result["users_per_s_run"] / sequential
                 results.append(result)
-                print("speed run:", json.dumps(result), flush=True)
+                print(f"{name} run:", json.dumps(result), flush=True)
+                print_comparison(name, index, result)
         finally:
             stack.stop()
             standin.stop()
     return {
         "users": users,
+        "conditions": {
+            "stand_in_latency_ms": latency_ms,
+            "stand_in_rate_limit": None,
+            "pipeline_BLUESHIFT_RATE_LIMIT": rate_limit,
+            "pipeline_in_flight": f"{pool_slots} slots x BLUESHIFT_MAX_IN_FLIGHT {in_flight}",
+            "loop": f"1 in flight, no client budget, {min(sample, users)} of the users",
+            "thread_pool": f"{in_flight} threads, no client budget, all {users} users",
+        },
         "runs": results,
         "median_users_per_s_run": median([r["users_per_s_run"] for r in results]),
         "median_users_per_s_sending": median([r["users_per_s_sending"] for r in results]),
         "median_sequential_users_per_s": median([r["sequential_users_per_s"] for r in results]),
+        "median_pool_users_per_s": median([r["pool_users_per_s"] for r in results]),
+        "median_pool_users_per_s_sending": median([r["pool_users_per_s_sending"] for r in results]),
         "median_speedup_run": median([r["speedup_run"] for r in results]),
+        "median_speedup_sending": median([r["speedup_sending"] for r in results]),
+        "median_speedup_vs_pool_run": median([r["speedup_vs_pool_run"] for r in results]),
+        "median_speedup_vs_pool_sending": median([r["speedup_vs_pool_sending"] for r in results]),
     }
+
+
+def case_compare(runs: int, users: int = 5_000, sample: int = 500) -> dict[str, Any]:
+    """The speed case, small: the three figures in a few minutes (fixed costs weigh more here)."""
+    return case_speed(runs, users=users, sample=sample, name="compare")
 
 
 def case_backfill(runs: int, users_per_day: int = 3_000) -> dict[str, Any]:
@@ -423,6 +573,7 @@ def case_scale(runs: int, sizes: tuple[int, ...] = (100_000, 1_000_000)) -> dict
 CASES: dict[str, Callable[..., dict[str, Any]]] = {
     "budget": case_budget,
     "speed": case_speed,
+    "compare": case_compare,
     "backfill": case_backfill,
     "scale": case_scale,
 }
@@ -432,7 +583,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated: " + ", ".join(CASES))
+    parser.add_argument(
+        "--cases",
+        default=",".join(name for name in CASES if name != "compare"),
+        help="comma-separated: " + ", ".join(CASES) + " (all but compare by default)",
+    )
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1/50 of the users, one run")
     parser.add_argument("--out", default=str(ROOT / ".bench" / "results.json"))
@@ -451,6 +606,7 @@ def main() -> None:
     quick = {
         "budget": {"users": 400},
         "speed": {"users": 2_000, "sample": 200},
+        "compare": {"users": 2_000, "sample": 200},
         "backfill": {"users_per_day": 100},
         "scale": {"sizes": (2_000, 20_000)},
     }
