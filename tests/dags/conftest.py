@@ -69,6 +69,14 @@ def users_of_day(day: str, count: int, prefix: str = "user") -> list[tuple[str, 
     ]
 
 
+def run_logs(airflow_home: Path, run_id: str) -> str:
+    """Return the task log files of one run of the DAG (none of another run's or DAG's)."""
+    run_dir = airflow_home / "logs" / f"dag_id={DAG_ID}" / f"run_id={run_id}"
+    return "\n".join(
+        path.read_text(errors="replace") for path in sorted(run_dir.rglob("*")) if path.is_file()
+    )
+
+
 @dataclass
 class RunResult:
     """The outcome of one ``dag.test()`` run."""
@@ -76,6 +84,9 @@ class RunResult:
     state: str
     task_states: dict[str, list[str]]
     output: str
+    run_id: str
+    try_numbers: dict[str, list[int]]
+    """Per task, the try number of each of its task instances (map index order): 1 = never retried."""
 
 
 @pytest.fixture
@@ -122,14 +133,18 @@ def run_dag(
 
             tis = session.query(TaskInstance).filter_by(dag_id=DAG_ID, run_id=dag_run.run_id).all()
             task_states: dict[str, list[str]] = {}
+            try_numbers: dict[str, list[int]] = {}
             for ti in sorted(tis, key=lambda ti: (ti.task_id, ti.map_index)):
                 task_states.setdefault(ti.task_id, []).append(str(ti.state))
-        logs = "\n".join(
-            path.read_text(errors="replace")
-            for path in (Path(airflow_db) / "logs").rglob("*")
-            if path.is_file()
+                try_numbers.setdefault(ti.task_id, []).append(int(ti.try_number))
+        # What this run printed and logged (both were cleared before it), and its own task log files.
+        output = "\n".join([out, err, caplog.text, run_logs(Path(airflow_db), dag_run.run_id)])
+        return RunResult(
+            state=str(dag_run.state),
+            task_states=task_states,
+            output=output,
+            run_id=dag_run.run_id,
+            try_numbers=try_numbers,
         )
-        output = "\n".join([out, err, caplog.text, logs])
-        return RunResult(state=str(dag_run.state), task_states=task_states, output=output)
 
     return run

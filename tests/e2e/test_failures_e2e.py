@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import json
+import math
 import os
 import signal
 import time
@@ -35,12 +37,30 @@ def _stack(warehouse, standin, **settings: str) -> AirflowStack:
     return AirflowStack(env, pool_slots=int(settings.get("BLUESHIFT_POOL_SLOTS", "4")))
 
 
+CRASH_RATE = 40
+"""The crash stack's budget (requests/s); with one pool slot, its only chunk task's pace."""
+CRASH_IN_FLIGHT = 8
+"""The crash stack's BLUESHIFT_MAX_IN_FLIGHT."""
+
+
+def _unrecorded_at_most() -> int:
+    """The most users a killed try can have sent without recording them: what is in flight, plus
+    the outcomes waiting for the next flush to the staging table (one flush interval at the task's
+    pace; the loop checks for a flush at least every budget refresh, so that long again at most)."""
+    from blueshift.budget import SharedBudget
+    from blueshift.operators import FLUSH_EVERY_SECONDS
+
+    refresh = inspect.signature(SharedBudget).parameters["refresh_every"].default
+    return CRASH_IN_FLIGHT + math.ceil(CRASH_RATE * (FLUSH_EVERY_SECONDS + min(FLUSH_EVERY_SECONDS, refresh)))
+
+
 @pytest.fixture
 def crash_stack(postgres_warehouse, standin) -> Iterator[AirflowStack]:
     stack = _stack(
         postgres_warehouse,
         standin,
-        BLUESHIFT_RATE_LIMIT="40",
+        BLUESHIFT_RATE_LIMIT=str(CRASH_RATE),
+        BLUESHIFT_MAX_IN_FLIGHT=str(CRASH_IN_FLIGHT),
         BLUESHIFT_POOL_SLOTS="1",
         BLUESHIFT_TASK_RETRIES="2",
     )
@@ -87,10 +107,15 @@ def test_chunk_killed_mid_chunk_is_finished_by_airflow_retry(crash_stack, postgr
         json={"logical_date": logical_date, "conf": {"chunk_size": 200}},
     )
     port = int(standin.url.rsplit(":", 1)[1])
+    # Kill at twice what a killed try can leave unrecorded, so that a retry that re-sent the whole
+    # killed try (all it had sent, at least 2 * bound) fails the bound below.
+    bound = _unrecorded_at_most()
+    kill_after = 2 * bound
+    assert kill_after < len(users)
     deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and standin.state.requests < 40:
-        time.sleep(0.2)
-    assert standin.state.requests >= 40, crash_stack.logs_tail()
+    while time.monotonic() < deadline and standin.state.requests < kill_after:
+        time.sleep(0.05)
+    assert standin.state.requests >= kill_after, crash_stack.logs_tail()
     victims = _sending_pids(port)
     assert victims, "the chunk task's process was found by its connection to the stand-in"
     for pid in victims:
@@ -113,9 +138,13 @@ def test_chunk_killed_mid_chunk_is_finished_by_airflow_retry(crash_stack, postgr
     assert set(applied) == {row[0] for row in users}
     resent = sum(count - 1 for count in applied.values())
     FIGURES.append(
-        f"SIGKILL after {killed_at} requests: {len(users)} users audited succeeded, {resent} re-sent by retry"
+        f"SIGKILL after {killed_at} requests: {len(users)} users audited succeeded, "
+        f"{resent} re-sent by retry (at most {bound})"
     )
-    assert resent <= 40, "the retry re-sends only what the killed try had not recorded"
+    assert resent <= bound, (
+        f"the retry re-sent {resent} users of the {killed_at} the killed try had sent: more than it can "
+        f"have left unrecorded ({bound})"
+    )
 
 
 @pytest.fixture

@@ -58,10 +58,25 @@ def test_no_users_no_chunks():
 
 
 def test_chunk_identity_comes_from_content():
-    per_bucket = spread(3_000, seed=1)
-    assert plan_chunks(per_bucket, chunk_size=500, max_chunks=256) == plan_chunks(
-        list(reversed(per_bucket))[::-1], chunk_size=500, max_chunks=256
-    )
+    """The same customers extracted in another order land in the same buckets, so the same chunks."""
+    import pandas as pd
+
+    from blueshift.validation import normalize
+
+    users = [(f"C-{n}", f"user{n}@example.com") for n in range(3_000)]
+    shuffled = random.Random(1).sample(users, len(users))
+
+    def chunks_of(rows: list[tuple[str, str]]) -> tuple[dict[str, int], list[dict]]:
+        frame = normalize(pd.DataFrame(rows, columns=["customer_id", "email"]))
+        bucket_by_id = dict(zip(frame["customer_id"], frame["bucket"], strict=True))
+        per_bucket = sorted(frame["bucket"].value_counts().items())  # as the staging table's GROUP BY gives
+        return bucket_by_id, plan_chunks(per_bucket, chunk_size=500, max_chunks=256)
+
+    buckets, chunks = chunks_of(users)
+    buckets_shuffled, chunks_shuffled = chunks_of(shuffled)
+    assert buckets_shuffled == buckets
+    assert chunks_shuffled == chunks
+    assert len(set(buckets.values())) > 1000, "the customers spread over the buckets"
 
 
 def test_default_extract_sql_binds_the_window():

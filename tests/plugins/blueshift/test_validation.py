@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from blueshift.validation import BUCKETS, normalize, user_key
+from blueshift.validation import BUCKETS, bucket_of, normalize, user_key
 
 
 def one(customer_id: object, email: object) -> dict[str, object]:
@@ -72,11 +72,30 @@ def test_duplicates_share_a_key_after_normalization():
     assert len({keys[0], keys[2], keys[3]}) == 3
 
 
-def test_key_and_bucket_are_stable():
-    assert user_key("C-1", "a@b.co") == user_key("C-1", "a@b.co")
-    row = one("C-1", "a@b.co")
-    assert row["user_key"] == user_key("C-1", "a@b.co")
-    assert 0 <= row["bucket"] < BUCKETS
+# Known vectors, computed by hand: sha256 of "<customer_id>\x1f<email>" (a missing identifier is
+# empty), UTF-8, its first 32 hex digits; the bucket is the first 8 hex digits modulo 4096.
+# DO NOT CHANGE THESE VALUES to make a test pass: the key is each customer's identity in the audit
+# table, so a different key silently re-sends every customer who already succeeded (and moves every
+# customer to another chunk).
+KNOWN_KEYS = [
+    # customer_id, email, user_key, bucket
+    ("C-1", None, "2e4eee730a78cdbc1857a7e14c9d5c29", 3699),
+    (None, "jane.doe@example.com", "4728fd3deef6c21d942d89e78f64ade3", 3389),
+    ("C-1", "jane.doe@example.com", "5af33f613fd5c1bb349522b81722f5c5", 3937),
+    ("CUST-ÜNICODE-ß", "jürgen@exämple.de", "93c014bcbb99d101837320ea8915ceeb", 1212),
+]
+
+
+@pytest.mark.parametrize(("customer_id", "email", "key", "bucket"), KNOWN_KEYS)
+def test_user_key_and_bucket_match_known_vectors(customer_id, email, key, bucket):
+    assert user_key(customer_id, email) == key
+    assert bucket_of(key) == bucket
+    assert 0 <= bucket < BUCKETS
+
+
+def test_key_is_taken_after_normalization():
+    row = one("  C-1 ", " Jane.Doe@Example.COM ")
+    assert (row["user_key"], row["bucket"]) == ("5af33f613fd5c1bb349522b81722f5c5", 3937)
 
 
 cells = st.one_of(
