@@ -121,12 +121,17 @@ def blueshift_start_tracking() -> None:
 
     chunks = extract_and_validate()
 
+    # Chunk tasks at once across all runs and backfills of this DAG: a cap that needs no setup.
+    # A pool (BLUESHIFT_POOL) is optional, for accounts shared with other DAGs.
+    pool = {"pool": SETTINGS.pool} if SETTINGS.pool else {}
     sent = BlueshiftStartTrackingOperator.partial(
         task_id="start_tracking",
-        pool=SETTINGS.pool,
+        max_active_tis_per_dag=SETTINGS.max_active_chunks,
+        **pool,
         map_index_template="{{ task.chunk['label'] }}",
         dry_run_enabled="{{ params.dry_run }}",
         blueshift_conn_id=SETTINGS.conn_id,
+        state_conn_id=SETTINGS.state_conn_id,
         warehouse_conn_id=SETTINGS.warehouse_conn_id,
         rate_limit=SETTINGS.rate_limit,
         max_in_flight=SETTINGS.max_in_flight,
@@ -135,7 +140,6 @@ def blueshift_start_tracking() -> None:
         backoff_cap_seconds=SETTINGS.backoff_cap_seconds,
         connect_timeout=SETTINGS.connect_timeout,
         read_timeout=SETTINGS.read_timeout,
-        audit_table=SETTINGS.audit_table,
         staging_table=SETTINGS.staging_table,
         doc_md="Sends one chunk of customers to Blueshift; its users come from the staging table.",
     ).expand(chunk=chunks)

@@ -141,6 +141,61 @@ def postgres_warehouse() -> Iterator[WarehouseDb]:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+MARIADB_DSN = os.environ.get("BLUESHIFT_TEST_MARIADB", "mysql+pymysql://root@127.0.0.1:3306/test")
+"""The MariaDB (or MySQL) server the tests create their databases on."""
+
+
+@pytest.fixture
+def mariadb_warehouse() -> Iterator[WarehouseDb]:
+    """A MariaDB database created for the test and dropped after it (the mysql provider's hook)."""
+    import json
+
+    import sqlalchemy as sa
+    from sqlalchemy.engine import make_url
+
+    name = f"blueshift_test_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(MARIADB_DSN)
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE {name} CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
+    url = make_url(MARIADB_DSN)
+    conn = {
+        "conn_type": "mysql",
+        "host": url.host or "127.0.0.1",
+        "port": url.port or 3306,
+        "login": url.username or "root",
+        "schema": name,
+        "extra": {"charset": "utf8mb4"},
+    }
+    if url.password:
+        conn["password"] = url.password
+    yield WarehouseDb(
+        "mariadb", json.dumps(conn), url.set(database=name).render_as_string(hide_password=False)
+    )
+    with admin.begin() as conn_:
+        conn_.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}")
+    admin.dispose()
+
+
+@pytest.fixture
+def duckdb_warehouse(tmp_path: Path) -> WarehouseDb:
+    """A DuckDB file (the duckdb provider's hook); one writer at a time, so never the state store."""
+    path = tmp_path / "warehouse.duckdb"
+    return WarehouseDb("duckdb", f'{{"conn_type": "duckdb", "host": "{path}"}}', f"duckdb:///{path}")
+
+
+@pytest.fixture
+def postgres_state_store() -> Iterator[str]:
+    """A PostgreSQL database for the state store; yields its Airflow connection JSON."""
+    import psycopg
+
+    name = f"blueshift_state_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_DSN, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    yield pg_conn_json(name)
+    with psycopg.connect(PG_DSN, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def warehouse_db(request: pytest.FixtureRequest, tmp_path: Path) -> WarehouseDb:
     """Each warehouse kind in turn: SQLite (embedded default) and PostgreSQL."""

@@ -67,11 +67,13 @@ def test_services_of_a_celery_deployment(compose):
     assert "./dags:/opt/airflow/dags" in volumes and "./plugins:/opt/airflow/plugins" in volumes
 
 
-def test_init_creates_the_pool_and_both_connections(compose):
+def test_init_creates_the_state_database_and_the_connections_and_no_pool(compose):
     script = compose["services"]["airflow-init"]["command"][-1]
     assert "airflow db migrate" in script
-    assert "airflow pools set blueshift_api" in script
+    assert "airflow pools" not in script, "the DAG needs no pool"
+    assert "CREATE DATABASE blueshift_state" in script
     assert "blueshift_default" in script and "warehouse_default" in script
+    assert '"blueshift_state": {"conn_type": "postgres"' in script
     assert "BLUESHIFT_API_KEY" not in json.dumps(compose["services"]["airflow-init"]["command"][:1])
 
 
@@ -91,7 +93,12 @@ def test_env_example_holds_no_secret():
     values = env_example()
     assert values["BLUESHIFT_API_KEY"] == ""
     assert values["WAREHOUSE_CONN_URI"] == ""
-    assert set(values) >= {"BLUESHIFT_HOST", "BLUESHIFT_RATE_LIMIT", "BLUESHIFT_POOL_SLOTS", "AIRFLOW_UID"}
+    assert set(values) >= {
+        "BLUESHIFT_HOST",
+        "BLUESHIFT_RATE_LIMIT",
+        "BLUESHIFT_MAX_ACTIVE_CHUNKS",
+        "AIRFLOW_UID",
+    }
     for env_name in SECRETS.values():
         assert values[env_name] == "", f"{env_name} in .env.example must be an empty placeholder"
 
@@ -396,7 +403,7 @@ def test_init_with_every_secret_set_gets_past_the_check(compose, tmp_path):
     airflow_calls = [call for call in calls if call.startswith("airflow ")]
     assert airflow_calls[0] == "airflow db migrate"
     assert "airflow connections import /tmp/connections.json --overwrite" in airflow_calls
-    assert any(call.startswith("airflow pools set blueshift_api 4 ") for call in airflow_calls)
+    assert not any(call.startswith("airflow pools") for call in airflow_calls)
 
 
 def test_init_accepts_a_rotated_fernet_key_list(compose, tmp_path):

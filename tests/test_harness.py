@@ -21,7 +21,7 @@ def test_blueshift_test_pg_overrides_the_test_postgresql():
             "-q",
             "-p",
             "no:cacheprovider",
-            "tests/plugins/blueshift/test_warehouse.py::test_schema_qualified_staging_table_gets_its_index",
+            "tests/plugins/blueshift/test_state.py::test_schema_qualified_staging_table_gets_its_index",
         ],
         cwd=ROOT,
         env=env,

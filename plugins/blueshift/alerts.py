@@ -78,10 +78,14 @@ def notify_run_failure(context: Any) -> None:
     subject, message = build_alert(context)
     message += (
         f"\nreason: {reason}. The run did not finish within BLUESHIFT_RUN_TIMEOUT_MINUTES="
-        f"{settings.run_timeout_minutes}. If its start_tracking tasks stayed 'scheduled', the pool "
-        f"{settings.pool!r} is missing or full: create it with "
-        f'`airflow pools set {settings.pool} {settings.pool_slots} "Blueshift API"` and clear the run.'
+        f"{settings.run_timeout_minutes}."
     )
+    if settings.pool:
+        message += (
+            f" If its start_tracking tasks stayed 'scheduled', the pool {settings.pool!r} (BLUESHIFT_POOL) "
+            f"is missing or full: create it with `airflow pools set {settings.pool} "
+            f'{settings.max_active_chunks} "Blueshift API"`, or unset BLUESHIFT_POOL, and clear the run.'
+        )
     _send(context, subject, message)
 
 

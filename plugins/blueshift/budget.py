@@ -1,4 +1,4 @@
-"""One request budget shared by every chunk task of every run, through leases in the warehouse.
+"""One request budget shared by every chunk task of every run, through leases in the state store.
 
 Each running chunk task holds a lease (a row with a heartbeat) and spends
 ``budget / active leases`` requests/s, re-read four times a second. So the tasks together fill the whole
@@ -24,7 +24,7 @@ from sqlalchemy import DateTime, bindparam, text
 
 if TYPE_CHECKING:
     from blueshift.pacing import AdaptiveRateLimiter
-    from blueshift.warehouse import Warehouse
+    from blueshift.state import StateStore
 
 FORGET_DEAD_LEASES_AFTER_SECONDS = 600.0
 """A lease silent this long belongs to a killed task: the next task that leaves deletes it."""
@@ -34,7 +34,7 @@ class SharedBudget:
     """
     A chunk task's share of the global budget.
 
-    :param warehouse: where the lease table lives (every task already shares it).
+    :param store: the state store, where the lease table lives (every task already shares it).
     :param holder: this task's unique id (run, task, map index, try).
     :param budget: the global budget in requests/s.
     :param refresh_every: seconds between heartbeats and share updates. Every hand-over of a share
@@ -48,7 +48,7 @@ class SharedBudget:
 
     def __init__(
         self,
-        warehouse: Warehouse,
+        store: StateStore,
         holder: str,
         budget: float,
         *,
@@ -58,7 +58,7 @@ class SharedBudget:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC).replace(tzinfo=None),
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        self.warehouse = warehouse
+        self.store = store
         self.holder = holder
         self.budget = budget
         self.refresh_every = refresh_every
@@ -76,7 +76,7 @@ class SharedBudget:
 
     def join(self, limiter: AdaptiveRateLimiter) -> None:
         """Take a lease, wait until the others have slowed down for it, then set this task's pace."""
-        self.warehouse.ensure_lease_table()
+        self.store.ensure_lease_table()
         self._heartbeat()
         joined = self._clock()  # read after the lease is committed: a renewal stamped later has seen it
         deadline = time.monotonic() + self.join_timeout
@@ -96,20 +96,20 @@ class SharedBudget:
     def leave(self) -> None:
         """Give the share back, and clear the leases of tasks that died long ago (they hold nothing)."""
         statement = text(
-            f"DELETE FROM {self.warehouse.lease_table} WHERE holder = :holder OR heartbeat_at < :long_ago"
+            f"DELETE FROM {self.store.lease_table} WHERE holder = :holder OR heartbeat_at < :long_ago"
         ).bindparams(bindparam("long_ago", type_=DateTime()))
         long_ago = self._clock() - timedelta(seconds=FORGET_DEAD_LEASES_AFTER_SECONDS)
-        with self.warehouse.engine.begin() as conn:
+        with self.store.engine.begin() as conn:
             conn.execute(statement, {"holder": self.holder, "long_ago": long_ago})
 
     def _holders_unaware_of(self, joined: datetime) -> int:
         """Count the live holders whose last renewal is older than ``joined`` (they still spend more)."""
         statement = text(
-            f"SELECT COUNT(*) FROM {self.warehouse.lease_table} "
+            f"SELECT COUNT(*) FROM {self.store.lease_table} "
             "WHERE holder <> :holder AND heartbeat_at >= :since AND heartbeat_at < :joined"
         ).bindparams(bindparam("since", type_=DateTime()), bindparam("joined", type_=DateTime()))
         since = joined - timedelta(seconds=self.stale_after)
-        with self.warehouse.engine.connect() as conn:
+        with self.store.engine.connect() as conn:
             return int(
                 conn.execute(
                     statement, {"holder": self.holder, "since": since, "joined": joined}
@@ -118,17 +118,12 @@ class SharedBudget:
 
     def _heartbeat(self) -> int:
         """Renew this task's lease and return the number of live holders, in one transaction."""
-        renew = text(
-            f"""
-            INSERT INTO {self.warehouse.lease_table} (holder, heartbeat_at) VALUES (:holder, :now)
-            ON CONFLICT (holder) DO UPDATE SET heartbeat_at = excluded.heartbeat_at
-            """
-        ).bindparams(bindparam("now", type_=DateTime()))
+        renew = self.store.renew_lease_sql()
         count = text(
-            f"SELECT COUNT(*) FROM {self.warehouse.lease_table} WHERE heartbeat_at >= :since"
+            f"SELECT COUNT(*) FROM {self.store.lease_table} WHERE heartbeat_at >= :since"
         ).bindparams(bindparam("since", type_=DateTime()))
         now = self._clock()
-        with self.warehouse.engine.begin() as conn:
+        with self.store.engine.begin() as conn:
             conn.execute(renew, {"holder": self.holder, "now": now})
             holders = conn.execute(count, {"since": now - timedelta(seconds=self.stale_after)}).scalar_one()
         return max(1, int(holders))

@@ -15,11 +15,12 @@ import requests
 from airflow.sdk import BaseOperator
 
 from blueshift.budget import SharedBudget
+from blueshift.connections import state_conn_id_for
 from blueshift.exceptions import BlueshiftAuthError, BlueshiftChunkIncomplete, BlueshiftConfigError
 from blueshift.hooks import BlueshiftHook
 from blueshift.outcomes import Status, Verdict, classify, redact
 from blueshift.pacing import AdaptiveRateLimiter, CircuitBreaker, backoff_delay, retry_after_seconds
-from blueshift.warehouse import Warehouse
+from blueshift.state import StateStore
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -72,7 +73,7 @@ class BlueshiftStartTrackingOperator(BaseOperator):
     """
     Start tracking every user of one chunk again: ``POST /api/v1/customers/unforget`` per user.
 
-    The chunk's users are read from the warehouse staging table (never from XCom), sent by up to
+    The chunk's users are read from the state store's staging table (never from XCom), sent by up to
     ``max_in_flight`` threads over one keep-alive session, paced to ``rate_limit`` requests/s, and
     each outcome is written back to the staging table as it happens. Per the API contract:
     200 is ``succeeded``; 400/413/422 are ``rejected`` and never retried; 404/409/429/5xx, timeouts
@@ -83,18 +84,19 @@ class BlueshiftStartTrackingOperator(BaseOperator):
     :param chunk: the chunk descriptor made by the extract task (``chunk_id``, ``bucket_lo``,
         ``bucket_hi``, ``users``, ``label``).
     :param blueshift_conn_id: HTTP connection with the region host and the API key.
-    :param warehouse_conn_id: common-sql connection holding the staging table.
+    :param state_conn_id: connection of the state store holding the staging table; when it is not
+        defined, the warehouse holds it (if it can: see ``blueshift.connections.state_conn_id_for``).
+    :param warehouse_conn_id: the warehouse connection.
     :param dry_run_enabled: mark the chunk ``dry_run`` without sending anything (templated; the
         DAG passes its ``dry_run`` param).
     :param rate_limit: the global budget in requests/s, shared with every other chunk task running
-        (any run) through leases in the warehouse; this task spends ``rate_limit / tasks running``.
+        (any run) through leases in the state store; this task spends ``rate_limit / tasks running``.
     :param max_in_flight: requests in flight at once.
     :param max_attempts: attempts per user inside the task, the first included.
     :param backoff_base_seconds: first backoff ceiling; it doubles per attempt.
     :param backoff_cap_seconds: largest backoff ceiling.
     :param connect_timeout: seconds to connect.
     :param read_timeout: seconds to wait for an answer.
-    :param audit_table: the audit table (to name in messages; the staging table is used here).
     :param staging_table: the staging table holding the run's users.
     :param progress_interval: seconds between progress lines in the log.
     """
@@ -108,6 +110,7 @@ class BlueshiftStartTrackingOperator(BaseOperator):
         *,
         chunk: dict[str, Any],
         blueshift_conn_id: str = BlueshiftHook.default_conn_name,
+        state_conn_id: str = "blueshift_state",
         warehouse_conn_id: str = "warehouse_default",
         dry_run_enabled: bool | str = False,
         rate_limit: float = 50.0,
@@ -117,7 +120,6 @@ class BlueshiftStartTrackingOperator(BaseOperator):
         backoff_cap_seconds: float = 30.0,
         connect_timeout: float = 5.0,
         read_timeout: float = 30.0,
-        audit_table: str = "blueshift_start_tracking_audit",
         staging_table: str = "blueshift_start_tracking_staging",
         progress_interval: float = 5.0,
         **kwargs: Any,
@@ -125,6 +127,7 @@ class BlueshiftStartTrackingOperator(BaseOperator):
         super().__init__(**kwargs)
         self.chunk = chunk
         self.blueshift_conn_id = blueshift_conn_id
+        self.state_conn_id = state_conn_id
         self.warehouse_conn_id = warehouse_conn_id
         self.dry_run_enabled = dry_run_enabled
         self.rate_limit = rate_limit
@@ -134,7 +137,6 @@ class BlueshiftStartTrackingOperator(BaseOperator):
         self.backoff_cap_seconds = backoff_cap_seconds
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
-        self.audit_table = audit_table
         self.staging_table = staging_table
         self.progress_interval = progress_interval
 
@@ -143,16 +145,16 @@ class BlueshiftStartTrackingOperator(BaseOperator):
         run_id = context["run_id"]
         chunk_id = str(self.chunk["chunk_id"])
         dry_run = as_bool(self.dry_run_enabled, "dry_run")
-        warehouse = Warehouse(
-            self.warehouse_conn_id, audit_table=self.audit_table, staging_table=self.staging_table
+        store = StateStore(
+            state_conn_id_for(self.state_conn_id, self.warehouse_conn_id), staging_table=self.staging_table
         )
         bucket_lo, bucket_hi = int(self.chunk["bucket_lo"]), int(self.chunk["bucket_hi"])
         if dry_run:
-            marked = warehouse.mark_chunk(dag_id, run_id, bucket_lo, bucket_hi, Status.DRY_RUN.value)
+            marked = store.mark_chunk(dag_id, run_id, bucket_lo, bucket_hi, Status.DRY_RUN.value)
             self.log.info("Chunk %s: dry run, %d users marked dry_run, nothing sent", chunk_id, marked)
             progress = ChunkProgress(total=marked, done=marked, by_status={Status.DRY_RUN.value: marked})
             return self._summary(progress)
-        users = warehouse.load_chunk(dag_id, run_id, bucket_lo, bucket_hi)
+        users = store.load_chunk(dag_id, run_id, bucket_lo, bucket_hi)
         self.log.info("Chunk %s: %d users to send", chunk_id, len(users))
         progress = ChunkProgress(total=len(users))
         if not users:
@@ -165,12 +167,12 @@ class BlueshiftStartTrackingOperator(BaseOperator):
             pool_maxsize=self.max_in_flight,
         )
         limiter = AdaptiveRateLimiter(self.rate_limit)
-        budget = SharedBudget(warehouse, _holder(context), self.rate_limit)
+        budget = SharedBudget(store, _holder(context), self.rate_limit)
         try:
             hook.get_conn()  # resolve the connection and key before any request
             budget.join(limiter)
             try:
-                refused = self._send_all(hook, warehouse, dag_id, run_id, users, progress, limiter, budget)
+                refused = self._send_all(hook, store, dag_id, run_id, users, progress, limiter, budget)
             finally:
                 budget.leave()
         finally:
@@ -200,7 +202,7 @@ class BlueshiftStartTrackingOperator(BaseOperator):
     def _send_all(
         self,
         hook: BlueshiftHook,
-        warehouse: Warehouse,
+        store: StateStore,
         dag_id: str,
         run_id: str,
         users: list[tuple[str, str | None, str | None]],
@@ -267,7 +269,7 @@ class BlueshiftStartTrackingOperator(BaseOperator):
             budget.refresh(limiter)
             now = time.monotonic()
             if len(pending) >= FLUSH_EVERY_OUTCOMES or (pending and now - last_flush >= FLUSH_EVERY_SECONDS):
-                warehouse.record_outcomes(dag_id, run_id, pending)
+                store.record_outcomes(dag_id, run_id, pending)
                 pending, last_flush = [], now
             if now - last_report >= self.progress_interval:
                 self._report(progress, now - started, limiter)
@@ -279,7 +281,7 @@ class BlueshiftStartTrackingOperator(BaseOperator):
             for key in remaining:
                 pending.append(_outcome(key, Status.FAILED, refused[0], 0, reason))
                 progress.count_outcome(Status.FAILED.value)
-        warehouse.record_outcomes(dag_id, run_id, pending)
+        store.record_outcomes(dag_id, run_id, pending)
         self._report(progress, time.monotonic() - started, limiter)
         return refused[0] if refused else None
 

@@ -6,15 +6,17 @@ import logging
 import math
 import uuid
 from collections.abc import Iterable
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from blueshift.connections import state_conn_id_for
 from blueshift.exceptions import BlueshiftAuditMismatch, BlueshiftConfigError, BlueshiftRunIncomplete
 from blueshift.outcomes import Status
 from blueshift.settings import Settings
+from blueshift.state import StateStore, batches, utc_naive
 from blueshift.validation import BUCKETS, normalize
-from blueshift.warehouse import Warehouse
+from blueshift.warehouse import Warehouse, expired_since
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +27,13 @@ AUDITED_STATUSES = (Status.SUCCEEDED, Status.REJECTED, Status.INVALID, Status.FA
 
 def warehouse_from(settings: Settings) -> Warehouse:
     """Return the warehouse named by the settings."""
-    return Warehouse(
-        settings.warehouse_conn_id, audit_table=settings.audit_table, staging_table=settings.staging_table
-    )
+    return Warehouse(settings.warehouse_conn_id, audit_table=settings.audit_table)
+
+
+def state_store_from(settings: Settings) -> StateStore:
+    """Return the state store named by the settings (the warehouse itself when it can be one)."""
+    conn_id = state_conn_id_for(settings.state_conn_id, settings.warehouse_conn_id)
+    return StateStore(conn_id, staging_table=settings.staging_table)
 
 
 def read_extract_sql(path: str) -> str:
@@ -59,8 +65,8 @@ def plan_chunks(
     Cut the hash buckets into contiguous ranges of about ``chunk_size`` users, at most ``max_chunks``.
 
     Chunks shrink (to no fewer than ``MIN_CHUNK_USERS``) so that a run has at least ``min_chunks``
-    of them (the pool's slots): each chunk task spends only its share of the budget, so a run with
-    fewer chunks than slots would leave budget unused.
+    of them (the chunk tasks that may run at once): each chunk task spends only its share of the
+    budget, so a run with fewer chunks than that would leave budget unused.
 
     A chunk is a bucket range, so its identity comes from its users' hashes, not from where they sat
     in the extract; the ranges tile every bucket, so no staged user falls between two chunks.
@@ -119,25 +125,25 @@ def extract_and_stage(
     :return: counts and chunk descriptors only; no customer data.
     """
     sql = read_extract_sql(settings.extract_sql)
-    warehouse = warehouse_from(settings)
-    warehouse.ensure_tables()
-    warehouse.reset_run(dag_id, run_id)
+    warehouse, state = warehouse_from(settings), state_store_from(settings)
+    warehouse.ensure_audit_table()
+    state.ensure_tables()
+    state.reset_run(dag_id, run_id)
     rows = 0
     for frame in _checked(
         warehouse.read_window(sql, window_start, window_end, chunksize=read_chunksize), settings
     ):
         rows += len(frame)
         users = normalize(frame).drop_duplicates("user_key")
-        warehouse.stage(users, dag_id=dag_id, run_id=run_id, window_start=window_start, window_end=window_end)
-    window_users = sum(warehouse.staged_counts(dag_id, run_id).values())
-    if not force:
-        warehouse.skip_already_succeeded(dag_id, run_id)
-    carried = 0
+        state.stage(users, dag_id=dag_id, run_id=run_id, window_start=window_start, window_end=window_end)
+    window_users = sum(state.staged_counts(dag_id, run_id).values())
     if carry_over_since is not None:
         log.info("Retrying users left failed in windows since %s", carry_over_since.isoformat())
-        carried = warehouse.carry_over_failed(dag_id, run_id, since=carry_over_since, before=window_start)
-    warehouse.analyze_staging()
-    staged = warehouse.staged_counts(dag_id, run_id)
+    carried, expired = _apply_prior_outcomes(
+        warehouse, state, dag_id, run_id, window_start, window_end, force, carry_over_since
+    )
+    state.analyze()
+    staged = state.staged_counts(dag_id, run_id)
     users_total = sum(staged.values())
     # The plan id ties each chunk task's result to this try of the extract: after a re-run, XComs of
     # map indexes the new plan no longer has are still readable, and must not count as finished.
@@ -145,10 +151,10 @@ def extract_and_stage(
     chunks = [
         {**chunk, "plan": plan}
         for chunk in plan_chunks(
-            warehouse.pending_per_bucket(dag_id, run_id),
+            state.pending_per_bucket(dag_id, run_id),
             chunk_size=chunk_size,
             max_chunks=settings.max_chunks,
-            min_chunks=settings.pool_slots,
+            min_chunks=settings.max_active_chunks,
         )
     ]
     log.info(
@@ -177,9 +183,47 @@ def extract_and_stage(
         "invalid": staged.get(Status.INVALID.value, 0),
         "to_send": staged.get(Status.PENDING.value, 0),
         "carry_over_since": carry_over_since.isoformat() if carry_over_since else None,
+        "expired_failures": expired,
         "plan": plan,
         "chunks": chunks,
     }
+
+
+def _apply_prior_outcomes(
+    warehouse: Warehouse,
+    state: StateStore,
+    dag_id: str,
+    run_id: str,
+    window_start: datetime,
+    window_end: datetime,
+    force: bool,
+    carry_over_since: datetime | None,
+) -> tuple[int, int]:
+    """Read the audit once: skip the window's succeeded users, stage the failed ones to carry over.
+
+    :return: how many users were carried over, and how many failures just left the carry-over.
+    """
+    prior = warehouse.read_prior(
+        dag_id,
+        window_start,
+        window_end,
+        succeeded=not force,
+        failed_since=expired_since(carry_over_since) if carry_over_since is not None else None,
+    )
+    carry: list[dict[str, Any]] = []
+    expired = 0
+    for batch in batches(prior):
+        state.skip_succeeded(
+            dag_id, run_id, (row["user_key"] for row in batch if row["status"] == Status.SUCCEEDED.value)
+        )
+        for row in batch:
+            if row["status"] != Status.FAILED.value or carry_over_since is None:
+                continue
+            if row["window_start"] >= utc_naive(carry_over_since):
+                carry.append(row)
+            else:
+                expired += 1
+    return state.stage_carried_over(dag_id, run_id, carry), expired
 
 
 def _checked(frames: Iterable[Any], settings: Settings) -> Iterable[Any]:
@@ -214,12 +258,17 @@ def audit_run(
     :param finished_chunks: how many chunk tasks of the run's plan returned (see ``finished_chunks``).
     :return: per-status counts of the run (no customer data).
     """
-    warehouse = warehouse_from(settings)
+    warehouse, state = warehouse_from(settings), state_store_from(settings)
     since = prepared.get("carry_over_since")
     carry_over_since = datetime.fromisoformat(since) if since else None
-    warehouse.publish_audit(dag_id, run_id, carry_over_since=carry_over_since)
-    counts = warehouse.audit_counts(dag_id, run_id)
-    staged = sum(warehouse.staged_counts(dag_id, run_id).values())
+    counts = warehouse.publish_audit(
+        dag_id, run_id, state.outcomes(dag_id, run_id), carry_over_since=carry_over_since
+    )
+    staged_counts = state.staged_counts(dag_id, run_id)
+    # Users already succeeded for the window were not re-sent: their audit row says succeeded.
+    skipped = staged_counts.get(Status.SKIPPED.value, 0)
+    counts[Status.SUCCEEDED.value] = counts.get(Status.SUCCEEDED.value, 0) + skipped
+    staged = sum(staged_counts.values())
     audited = sum(counts.values())
     summary: dict[str, Any] = {status.value: counts.get(status.value, 0) for status in AUDITED_STATUSES}
     for name in (
@@ -230,13 +279,9 @@ def audit_run(
         "users",
         "already_succeeded",
         "carried_over",
+        "expired_failures",
     ):
         summary[name] = prepared.get(name, 0)
-    summary["expired_failures"] = 0
-    if carry_over_since is not None:
-        summary["expired_failures"] = warehouse.count_failed(
-            dag_id, since=carry_over_since - timedelta(days=1), before=carry_over_since
-        )
     summary["chunks"] = int(prepared["chunks"])
     summary["chunks_failed"] = summary["chunks"] - finished_chunks
     log.info("Audit of run %s\n%s", run_id, format_summary(summary))
@@ -255,7 +300,7 @@ def audit_run(
         and not summary["chunks_failed"]
     ):
         # Kept for failed runs, so clearing a failed chunk re-sends only its unfinished users.
-        warehouse.reset_run(dag_id, run_id)
+        state.reset_run(dag_id, run_id)
     return summary
 
 

@@ -62,18 +62,23 @@ def _json_object(value: str) -> str:
     return value
 
 
+OLD_NAMES = {"max_active_chunks": "BLUESHIFT_POOL_SLOTS"}
+"""Variables read under an earlier name when the current one is unset, for existing deployments."""
+
+
 @dataclass(frozen=True)
 class Settings:
     """All deployment settings of the pipeline, with their defaults."""
 
     conn_id: str = "blueshift_default"
     warehouse_conn_id: str = "warehouse_default"
+    state_conn_id: str = "blueshift_state"
     extract_sql: str = str(DEFAULT_EXTRACT_SQL)
     audit_table: str = "blueshift_start_tracking_audit"
     staging_table: str = "blueshift_start_tracking_staging"
     rate_limit: float = 50.0
-    pool: str = "blueshift_api"
-    pool_slots: int = 4
+    pool: str = ""
+    max_active_chunks: int = 4
     max_in_flight: int = 16
     max_attempts: int = 5
     backoff_base_seconds: float = 0.5
@@ -94,7 +99,7 @@ class Settings:
         environ = os.environ if environ is None else environ
         parsers: dict[str, Callable[[str], Any]] = {
             "rate_limit": _positive_float,
-            "pool_slots": _positive_int,
+            "max_active_chunks": _positive_int,
             "max_in_flight": _positive_int,
             "max_attempts": _positive_int,
             "backoff_base_seconds": _positive_float,
@@ -112,6 +117,9 @@ class Settings:
         for field in fields(cls):
             name = f"BLUESHIFT_{field.name.upper()}"
             raw = environ.get(name)
+            if (raw is None or not raw.strip()) and field.name in OLD_NAMES:
+                name = OLD_NAMES[field.name]
+                raw = environ.get(name)
             if raw is None or raw.strip() == "":
                 continue
             parse = parsers.get(field.name, str.strip)

@@ -52,7 +52,8 @@ def test_wiring(dag):
     assert send.downstream_task_ids == {"audit"}
     assert dag.get_task("audit").trigger_rule == TriggerRule.ALL_DONE
     assert dag.get_task("extract_and_validate").downstream_task_ids == {"start_tracking", "audit"}
-    assert send.partial_kwargs["pool"] == "blueshift_api"
+    assert "pool" not in send.partial_kwargs, "no pool to create: the cap below needs no setup"
+    assert send.partial_kwargs["max_active_tis_per_dag"] == 4
     assert send.partial_kwargs["map_index_template"]
 
 

@@ -22,7 +22,7 @@ def test_midnight_belongs_to_its_own_day(warehouse_db, monkeypatch):
         ],
     )
     monkeypatch.setenv("AIRFLOW_CONN_WAREHOUSE_DEFAULT", warehouse_db.conn_json)
-    warehouse = Warehouse("warehouse_default", audit_table="audit_t", staging_table="staging_t")
+    warehouse = Warehouse("warehouse_default", audit_table="audit_t")
     sql = read_extract_sql(str(DEFAULT_EXTRACT_SQL))
 
     def ids(start: datetime, end: datetime) -> set[str]:

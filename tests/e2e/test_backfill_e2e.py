@@ -34,14 +34,14 @@ def stack(postgres_warehouse, standin) -> Iterator[AirflowStack]:
             {"conn_type": "http", "host": standin.url, "login": API_KEY}
         ),
         "BLUESHIFT_RATE_LIMIT": "400",
-        "BLUESHIFT_POOL_SLOTS": "4",
+        "BLUESHIFT_MAX_ACTIVE_CHUNKS": "4",
         "BLUESHIFT_BACKOFF_BASE_SECONDS": "0.01",
         "BLUESHIFT_BACKOFF_CAP_SECONDS": "0.05",
         "BLUESHIFT_MAX_ATTEMPTS": "3",
         "BLUESHIFT_TASK_RETRIES": "0",
         "BLUESHIFT_READ_TIMEOUT": "2",
     }
-    airflow = AirflowStack(env, pool_slots=4)
+    airflow = AirflowStack(env)  # a fresh Airflow: no pool is created, only the two connections
     try:
         airflow.start()
         yield airflow
@@ -62,6 +62,8 @@ def test_schedule_backfill_rerun_dry_run_and_carry_over(stack, postgres_warehous
     seed_source(postgres_warehouse.url, [row for rows in users.values() for row in rows])
     stack.wait_for_dag(DAG_ID)
     assert stack.api("GET", f"/dags/{DAG_ID}")["is_paused"], "new DAGs start paused, as in production"
+    pools = {pool["name"] for pool in stack.api("GET", "/pools")["pools"]}
+    assert pools == {"default_pool"}, "nothing to set up but the two connections"
 
     # 1. A run with injected faults leaves three users of day -3 failed. (A manual run with logical
     #    date D covers [D-1, D); a scheduled or backfill run with logical date D covers [D, D+1).)

@@ -9,7 +9,7 @@ import pytest
 
 from blueshift.budget import FORGET_DEAD_LEASES_AFTER_SECONDS, SharedBudget
 from blueshift.pacing import AdaptiveRateLimiter
-from blueshift.warehouse import Warehouse
+from blueshift.state import StateStore
 from tests.plugins.blueshift.test_operators import run_operator, stage
 
 
@@ -21,13 +21,13 @@ class Clock:
         return self.now
 
 
-def budget(warehouse: Warehouse, holder: str, clock: Clock, total: float = 50.0) -> SharedBudget:
-    return SharedBudget(warehouse, holder, total, clock=clock, sleep=lambda seconds: None)
+def budget(store: StateStore, holder: str, clock: Clock, total: float = 50.0) -> SharedBudget:
+    return SharedBudget(store, holder, total, clock=clock, sleep=lambda seconds: None)
 
 
-def test_shares_follow_the_tasks_that_run(warehouse):
+def test_shares_follow_the_tasks_that_run(store):
     clock = Clock()
-    first, second = budget(warehouse, "run-1/chunk/0", clock), budget(warehouse, "run-1/chunk/1", clock)
+    first, second = budget(store, "run-1/chunk/0", clock), budget(store, "run-1/chunk/1", clock)
     limiter_1, limiter_2 = AdaptiveRateLimiter(50.0), AdaptiveRateLimiter(50.0)
 
     first.join(limiter_1)
@@ -41,10 +41,10 @@ def test_shares_follow_the_tasks_that_run(warehouse):
     assert limiter_1.max_rate == 50.0, "a task that ends hands its share back"
 
 
-def test_tasks_of_concurrent_runs_share_one_budget(warehouse):
+def test_tasks_of_concurrent_runs_share_one_budget(store):
     clock = Clock()
     holders = [
-        budget(warehouse, f"backfill__2026-11-2{day}/start_tracking/{index}", clock)
+        budget(store, f"backfill__2026-11-2{day}/start_tracking/{index}", clock)
         for day in range(3)
         for index in range(2)
     ]
@@ -56,9 +56,9 @@ def test_tasks_of_concurrent_runs_share_one_budget(warehouse):
     assert sum(limiter.max_rate for limiter in limiters) == pytest.approx(50.0)
 
 
-def test_a_dead_holder_stops_counting(warehouse):
+def test_a_dead_holder_stops_counting(store):
     clock = Clock()
-    alive, dead = budget(warehouse, "alive", clock), budget(warehouse, "killed", clock)
+    alive, dead = budget(store, "alive", clock), budget(store, "killed", clock)
     limiter = AdaptiveRateLimiter(50.0)
     dead.join(AdaptiveRateLimiter(50.0))
     alive.join(limiter)
@@ -68,9 +68,9 @@ def test_a_dead_holder_stops_counting(warehouse):
     assert limiter.max_rate == 50.0
 
 
-def test_a_new_task_sends_only_after_the_others_slowed_down(warehouse):
+def test_a_new_task_sends_only_after_the_others_slowed_down(store):
     """Real clock and sleeps: the newcomer waits for the running task's next renewal, not longer."""
-    running, newcomer = SharedBudget(warehouse, "running", 50.0), SharedBudget(warehouse, "newcomer", 50.0)
+    running, newcomer = SharedBudget(store, "running", 50.0), SharedBudget(store, "newcomer", 50.0)
     running_limiter, newcomer_limiter = AdaptiveRateLimiter(50.0), AdaptiveRateLimiter(50.0)
     running.join(running_limiter)
     joined = threading.Event()
@@ -91,28 +91,28 @@ def test_a_new_task_sends_only_after_the_others_slowed_down(warehouse):
     assert newcomer_limiter.max_rate == 25.0
 
 
-def test_a_holder_that_never_renews_delays_a_join_only_briefly(warehouse):
-    silent = SharedBudget(warehouse, "killed-a-second-ago", 50.0)
+def test_a_holder_that_never_renews_delays_a_join_only_briefly(store):
+    silent = SharedBudget(store, "killed-a-second-ago", 50.0)
     silent.join(AdaptiveRateLimiter(50.0))
-    newcomer = SharedBudget(warehouse, "newcomer", 50.0, join_timeout=0.5)
+    newcomer = SharedBudget(store, "newcomer", 50.0, join_timeout=0.5)
     limiter = AdaptiveRateLimiter(50.0)
     newcomer.join(limiter)
     assert limiter.max_rate == 25.0, "until its lease goes stale, the silent holder keeps its share"
 
 
-def test_leases_of_long_dead_tasks_are_cleared(warehouse):
+def test_leases_of_long_dead_tasks_are_cleared(store):
     import sqlalchemy as sa
 
     clock = Clock()
-    budget(warehouse, "dead-long-ago", clock).join(AdaptiveRateLimiter(50.0))
+    budget(store, "dead-long-ago", clock).join(AdaptiveRateLimiter(50.0))
     clock.now += timedelta(seconds=3)
-    budget(warehouse, "dead-recently", clock).join(AdaptiveRateLimiter(50.0))
+    budget(store, "dead-recently", clock).join(AdaptiveRateLimiter(50.0))
     clock.now += timedelta(seconds=FORGET_DEAD_LEASES_AFTER_SECONDS - 1)
-    finished = budget(warehouse, "finished", clock)
+    finished = budget(store, "finished", clock)
     finished.join(AdaptiveRateLimiter(50.0))
     finished.leave()
-    with warehouse.engine.connect() as conn:
-        holders = conn.execute(sa.text(f"SELECT holder FROM {warehouse.lease_table}")).scalars().all()
+    with store.engine.connect() as conn:
+        holders = conn.execute(sa.text(f"SELECT holder FROM {store.lease_table}")).scalars().all()
     assert holders == ["dead-recently"]
 
 
@@ -125,7 +125,7 @@ def test_set_max_rate_scales_the_pace():
     assert limiter.rate == 5.0
 
 
-def test_two_chunk_tasks_together_stay_within_the_budget(warehouse, standin, monkeypatch):
+def test_two_chunk_tasks_together_stay_within_the_budget(store, standin, monkeypatch):
     """Two chunk tasks at once against a stand-in that enforces the same budget with 429s."""
     import json
 
@@ -138,7 +138,7 @@ def test_two_chunk_tasks_together_stay_within_the_budget(warehouse, standin, mon
     standin.state.config.rate_limit = 30
     standin.state.config.latency_ms = 20
     standin.state.reset()
-    stage(warehouse, [(f"C-{n:03d}", None) for n in range(150)])
+    stage(store, [(f"C-{n:03d}", None) for n in range(150)])
     chunks = [
         {"chunk_id": "low", "bucket_lo": 0, "bucket_hi": 2047, "users": 0, "label": "low"},
         {"chunk_id": "high", "bucket_lo": 2048, "bucket_hi": 4095, "users": 0, "label": "high"},

@@ -21,12 +21,12 @@ def day(n: int) -> datetime:
 @pytest.fixture
 def settings(warehouse_db, monkeypatch) -> Settings:
     monkeypatch.setenv("AIRFLOW_CONN_WAREHOUSE_DEFAULT", warehouse_db.conn_json)
-    return Settings.from_env({"BLUESHIFT_POOL_SLOTS": "1"})
+    return Settings.from_env({"BLUESHIFT_MAX_ACTIVE_CHUNKS": "1"})
 
 
 def run_window(settings: Settings, run_id: str, start: datetime, outcomes: dict[str, str], **kwargs):
     """Extract a window, give each pending user the outcome named for its customer_id, audit it."""
-    from blueshift.pipeline import warehouse_from
+    from blueshift.pipeline import state_store_from
 
     prepared = extract_and_stage(
         settings=settings,
@@ -37,8 +37,8 @@ def run_window(settings: Settings, run_id: str, start: datetime, outcomes: dict[
         chunk_size=500,
         **kwargs,
     )
-    warehouse = warehouse_from(settings)
-    with warehouse.engine.connect() as conn:
+    store = state_store_from(settings)
+    with store.engine.connect() as conn:
         pending = conn.execute(
             sa.text(
                 "SELECT user_key, customer_id FROM blueshift_start_tracking_staging "
@@ -46,7 +46,7 @@ def run_window(settings: Settings, run_id: str, start: datetime, outcomes: dict[
             ),
             {"run_id": run_id},
         ).all()
-    warehouse.record_outcomes(
+    store.record_outcomes(
         DAG_ID,
         run_id,
         [

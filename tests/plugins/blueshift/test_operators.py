@@ -13,8 +13,8 @@ import sqlalchemy as sa
 
 from blueshift.exceptions import BlueshiftAuthError, BlueshiftChunkIncomplete, BlueshiftConfigError
 from blueshift.operators import BlueshiftStartTrackingOperator, as_bool
+from blueshift.state import StateStore
 from blueshift.validation import normalize
-from blueshift.warehouse import Warehouse
 from tests.conftest import API_KEY
 
 DAG_ID, RUN_ID = "blueshift_start_tracking", "manual__test"
@@ -31,13 +31,13 @@ def blueshift(monkeypatch, standin):
     return standin
 
 
-def stage(warehouse: Warehouse, users: list[tuple[str | None, str | None]]) -> None:
+def stage(store: StateStore, users: list[tuple[str | None, str | None]]) -> None:
     frame = normalize(pd.DataFrame(users, columns=["customer_id", "email"]))
-    warehouse.stage(frame, dag_id=DAG_ID, run_id=RUN_ID, window_start=WINDOW[0], window_end=WINDOW[1])
+    store.stage(frame, dag_id=DAG_ID, run_id=RUN_ID, window_start=WINDOW[0], window_end=WINDOW[1])
 
 
-def staged(warehouse: Warehouse) -> dict[str, dict[str, Any]]:
-    with warehouse.engine.connect() as conn:
+def staged(store: StateStore) -> dict[str, dict[str, Any]]:
+    with store.engine.connect() as conn:
         rows = conn.execute(sa.text("SELECT * FROM blueshift_start_tracking_staging")).mappings().all()
     return {row["customer_id"] or row["email"]: dict(row) for row in rows}
 
@@ -76,10 +76,10 @@ OUTCOMES = {
 
 
 @pytest.mark.parametrize(("http_status", "expected"), OUTCOMES.items(), ids=[str(code) for code in OUTCOMES])
-def test_each_documented_status_gives_its_outcome(warehouse, blueshift, http_status, expected):
+def test_each_documented_status_gives_its_outcome(store, blueshift, http_status, expected):
     status, attempts = expected
     blueshift.state.config.fixed = {f"C-{http_status}": http_status, "C-OK": 200}
-    stage(warehouse, [(f"C-{http_status}", None), ("C-OK", None)])
+    stage(store, [(f"C-{http_status}", None), ("C-OK", None)])
 
     if status == "failed":
         with pytest.raises(BlueshiftChunkIncomplete, match="1 of 2 users"):
@@ -88,7 +88,7 @@ def test_each_documented_status_gives_its_outcome(warehouse, blueshift, http_sta
         summary = run_operator()
         assert summary[status] == (2 if status == "succeeded" else 1)
 
-    rows = staged(warehouse)
+    rows = staged(store)
     assert rows[f"C-{http_status}"]["status"] == status
     assert rows[f"C-{http_status}"]["attempts"] == attempts
     assert rows[f"C-{http_status}"]["http_status"] == http_status
@@ -97,45 +97,45 @@ def test_each_documented_status_gives_its_outcome(warehouse, blueshift, http_sta
 
 
 @pytest.mark.parametrize("http_status", [401, 403])
-def test_refused_key_stops_at_once_without_retry(warehouse, blueshift, http_status):
+def test_refused_key_stops_at_once_without_retry(store, blueshift, http_status):
     users = [(f"C-{n:03d}", None) for n in range(200)]
     blueshift.state.config.fixed = {customer_id: http_status for customer_id, _ in users}
-    stage(warehouse, users)
+    stage(store, users)
 
     with pytest.raises(BlueshiftAuthError, match=f"refused the API key \\(HTTP {http_status}\\)") as raised:
         run_operator(max_in_flight=4)
 
     assert raised.value.__class__.__mro__[1].__name__ == "AirflowFailException"
     assert blueshift.state.requests <= 8, "no storm of requests after the key was refused"
-    rows = staged(warehouse).values()
+    rows = staged(store).values()
     assert {row["status"] for row in rows} == {"failed"}
     assert all("refused the API key" in row["error"] for row in rows)
     assert API_KEY not in str(raised.value)
 
 
-def test_wrong_key_is_refused_by_the_standin(warehouse, blueshift, monkeypatch):
+def test_wrong_key_is_refused_by_the_standin(store, blueshift, monkeypatch):
     monkeypatch.setenv(
         "AIRFLOW_CONN_BLUESHIFT_DEFAULT",
         json.dumps({"conn_type": "http", "host": blueshift.url, "login": "not-the-key"}),
     )
-    stage(warehouse, [("C-1", None)])
+    stage(store, [("C-1", None)])
     with pytest.raises(BlueshiftAuthError, match="HTTP 401"):
         run_operator()
 
 
 @pytest.mark.parametrize("fault", ["drop", "slow"])
-def test_dropped_connections_and_timeouts_are_retried(warehouse, blueshift, fault):
+def test_dropped_connections_and_timeouts_are_retried(store, blueshift, fault):
     blueshift.state.config.faults = [fault]
     blueshift.state.config.fault_rate = 0.4
     blueshift.state.config.slow_seconds = 1.0
     blueshift.state.config.seed = 3
-    stage(warehouse, [(f"C-{n:02d}", None) for n in range(30)])
+    stage(store, [(f"C-{n:02d}", None) for n in range(30)])
 
     try:
         run_operator(max_attempts=6)
     except BlueshiftChunkIncomplete:
         pass  # a user may exhaust its attempts by chance; the bound below still holds
-    rows = staged(warehouse).values()
+    rows = staged(store).values()
     retried = [row for row in rows if row["attempts"] > 1]
     assert retried, "some users met the fault and were retried"
     assert all(1 <= row["attempts"] <= 6 for row in rows)
@@ -143,7 +143,7 @@ def test_dropped_connections_and_timeouts_are_retried(warehouse, blueshift, faul
 
 
 @pytest.mark.parametrize("form", ["seconds", "http-date"])
-def test_retry_after_is_honoured(warehouse, blueshift, requests_mock, monkeypatch, form):
+def test_retry_after_is_honoured(store, blueshift, requests_mock, monkeypatch, form):
     """A Retry-After header, if Blueshift ever sends one, delays the next attempt (both RFC 9110 forms)."""
     import time
     from datetime import UTC, datetime, timedelta
@@ -165,7 +165,7 @@ def test_retry_after_is_honoured(warehouse, blueshift, requests_mock, monkeypatc
             {"json": {"status": "ok"}},
         ],
     )
-    stage(warehouse, [("C-1", None)])
+    stage(store, [("C-1", None)])
     started = time.monotonic()
     summary = run_operator()
     assert summary["succeeded"] == 1
@@ -173,24 +173,24 @@ def test_retry_after_is_honoured(warehouse, blueshift, requests_mock, monkeypatc
     assert requests_mock.call_count == 2
 
 
-def test_dry_run_sends_nothing(warehouse, blueshift):
-    stage(warehouse, [(f"C-{n}", None) for n in range(5)])
+def test_dry_run_sends_nothing(store, blueshift):
+    stage(store, [(f"C-{n}", None) for n in range(5)])
     summary = run_operator(dry_run_enabled="true")
     assert summary["dry_run"] == 5
     assert blueshift.state.requests == 0
-    assert {row["status"] for row in staged(warehouse).values()} == {"dry_run"}
+    assert {row["status"] for row in staged(store).values()} == {"dry_run"}
 
 
-def test_retry_of_a_chunk_resends_only_unfinished_users(warehouse, blueshift):
+def test_retry_of_a_chunk_resends_only_unfinished_users(store, blueshift):
     blueshift.state.config.fixed = {"C-FLAKY": 503}
-    stage(warehouse, [("C-FLAKY", None), ("C-1", None), ("C-2", None)])
+    stage(store, [("C-FLAKY", None), ("C-1", None), ("C-2", None)])
     with pytest.raises(BlueshiftChunkIncomplete):
         run_operator()
     first = blueshift.state.requests
     blueshift.state.config.fixed = {}
     run_operator()  # what Airflow's task retry does
     assert blueshift.state.requests == first + 1
-    rows = staged(warehouse)
+    rows = staged(store)
     assert rows["C-FLAKY"]["status"] == "succeeded"
     assert rows["C-FLAKY"]["attempts"] == MAX_ATTEMPTS + 1
 

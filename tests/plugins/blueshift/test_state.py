@@ -1,4 +1,4 @@
-"""The warehouse tables: created once, safely under concurrency, indexed for the chunk tasks' queries."""
+"""The state store's tables: created once, safely under concurrency, indexed for the chunk tasks' queries."""
 
 from __future__ import annotations
 
@@ -6,17 +6,15 @@ import threading
 
 import sqlalchemy as sa
 
-from blueshift.warehouse import Warehouse
+from blueshift.state import StateStore
 
 
-def make(monkeypatch, warehouse_db, staging_table: str = "blueshift_start_tracking_staging") -> Warehouse:
+def make(monkeypatch, warehouse_db, staging_table: str = "blueshift_start_tracking_staging") -> StateStore:
     monkeypatch.setenv("AIRFLOW_CONN_WAREHOUSE_DEFAULT", warehouse_db.conn_json)
-    return Warehouse(
-        "warehouse_default", audit_table="blueshift_start_tracking_audit", staging_table=staging_table
-    )
+    return StateStore("warehouse_default", staging_table=staging_table)
 
 
-def index_names(warehouse: Warehouse, table: str, schema: str | None = None) -> set[str]:
+def index_names(warehouse: StateStore, table: str, schema: str | None = None) -> set[str]:
     return {index["name"] for index in sa.inspect(warehouse.engine).get_indexes(table, schema=schema)}
 
 
@@ -47,11 +45,7 @@ def test_tables_are_created_once_when_runs_start_together(monkeypatch, warehouse
     def create() -> None:
         try:
             start.wait()
-            Warehouse(
-                "warehouse_default",
-                audit_table="blueshift_start_tracking_audit",
-                staging_table="blueshift_start_tracking_staging",
-            ).ensure_tables()
+            StateStore("warehouse_default", staging_table="blueshift_start_tracking_staging").ensure_tables()
         except BaseException as err:
             errors.append(err)
 
@@ -90,7 +84,7 @@ def test_outcome_updates_find_each_user_by_primary_key(monkeypatch, postgres_war
     )
     start, end = datetime(2026, 11, 24, tzinfo=UTC), datetime(2026, 11, 25, tzinfo=UTC)
     warehouse.stage(users, dag_id="d", run_id="r", window_start=start, window_end=end)
-    warehouse.analyze_staging()
+    warehouse.analyze()
     with warehouse.engine.connect() as conn:
         conn.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
         conn.exec_driver_sql(
