@@ -20,13 +20,13 @@ mapped task). Settings: `BLUESHIFT_*` environment variables; see the project REA
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from airflow.sdk import CronDataIntervalTimetable, Param, TriggerRule, dag, get_current_context, task
 
 from blueshift.alerts import notify_failure, notify_run_failure
-from blueshift.exceptions import BlueshiftRunIncomplete
+from blueshift.exceptions import BlueshiftConfigError, BlueshiftRunIncompleteError
 from blueshift.operators import BlueshiftStartTrackingOperator
 from blueshift.settings import Settings
 
@@ -36,7 +36,7 @@ SETTINGS = Settings.from_env()
 @dag(
     dag_id="blueshift_start_tracking",
     schedule=CronDataIntervalTimetable("@daily", timezone="UTC"),
-    start_date=datetime(2026, 1, 1, tzinfo=UTC),
+    start_date=datetime(2026, 1, 1, tzinfo=timezone.utc),
     catchup=False,
     max_active_runs=3,
     # A run that cannot finish (e.g. its chunk tasks wait for a pool that does not exist) fails
@@ -96,7 +96,10 @@ def blueshift_start_tracking() -> None:
         context = get_current_context()
         if not context["params"]["dry_run"]:
             # Pre-flight: a missing or wrong Blueshift connection fails here, before any extract or send.
-            BlueshiftHook(SETTINGS.conn_id).get_connection_checked()
+            hook = BlueshiftHook(SETTINGS.blueshift_conn_id, allow_http_hosts=SETTINGS.allow_http_hosts)
+            usable, message = hook.test_connection()
+            if not usable:
+                raise BlueshiftConfigError(message)
         window_start, window_end = context["data_interval_start"], context["data_interval_end"]
         if window_start is None or window_end is None:
             raise ValueError("This DAG needs a data interval: trigger it with a logical date")
@@ -130,17 +133,7 @@ def blueshift_start_tracking() -> None:
         **pool,
         map_index_template="{{ task.chunk['label'] }}",
         dry_run_enabled="{{ params.dry_run }}",
-        blueshift_conn_id=SETTINGS.conn_id,
-        state_conn_id=SETTINGS.state_conn_id,
-        warehouse_conn_id=SETTINGS.warehouse_conn_id,
-        rate_limit=SETTINGS.rate_limit,
-        max_in_flight=SETTINGS.max_in_flight,
-        max_attempts=SETTINGS.max_attempts,
-        backoff_base_seconds=SETTINGS.backoff_base_seconds,
-        backoff_cap_seconds=SETTINGS.backoff_cap_seconds,
-        connect_timeout=SETTINGS.connect_timeout,
-        read_timeout=SETTINGS.read_timeout,
-        staging_table=SETTINGS.staging_table,
+        **SETTINGS.operator_kwargs(),
         doc_md="Sends one chunk of customers to Blueshift; its users come from the staging table.",
     ).expand(chunk=chunks)
 
@@ -151,14 +144,14 @@ def blueshift_start_tracking() -> None:
         doc_md="Upserts every customer's outcome into the audit table and fails the run if any "
         "customer ended failed or a chunk task did not finish; alerts on failure.",
     )
-    def audit(chunks: Any, results: Any) -> dict[str, Any]:
+    def audit(results: Any) -> dict[str, Any]:
         """Write every user's outcome to the audit table; fail the run if any user is left failed."""
         from blueshift.pipeline import audit_run, finished_chunks, raise_if_incomplete
 
         context = get_current_context()
         prepared = context["ti"].xcom_pull(task_ids="extract_and_validate", key="summary")
         if prepared is None:
-            raise BlueshiftRunIncomplete(
+            raise BlueshiftRunIncompleteError(
                 "extract_and_validate did not finish, so nothing of this window was staged or sent: "
                 "see its log for the cause, fix it, then clear the run"
             )
@@ -173,7 +166,8 @@ def blueshift_start_tracking() -> None:
         raise_if_incomplete(summary, SETTINGS)
         return summary
 
-    audit(chunks, sent.output)
+    # audit also reads extract_and_validate's summary (the XCom pull above): hence this edge.
+    chunks >> audit(sent.output)
 
 
 blueshift_start_tracking()

@@ -1,5 +1,6 @@
-"""docker-compose.yaml: valid per the Compose Specification, same Airflow as requirements.txt, no secret
-shipped with a default, and an airflow-init that refuses to start without them."""
+"""docker-compose.yaml: valid per the Compose Specification, same Airflow as requirements.txt, an image
+installed with the lock of its own Python, no secret shipped with a default, and an airflow-init that
+refuses to start without them."""
 
 from __future__ import annotations
 
@@ -41,14 +42,78 @@ def test_compose_file_is_valid_per_the_compose_specification(compose):
     jsonschema.validate(compose, schema)
 
 
+def supported_pythons() -> list[str]:
+    """The Python versions the Makefile supports (``SUPPORTED``), e.g. ``["3.13", ..., "3.10"]``."""
+    match = re.search(r"^SUPPORTED := (.+)$", (ROOT / "Makefile").read_text(), re.M)
+    assert match, "the Makefile names its supported Pythons in SUPPORTED"
+    return match.group(1).split()
+
+
+def dockerfile_image() -> tuple[str, str, str]:
+    """The Dockerfile's base image as (image, Airflow version, Python version)."""
+    match = re.search(
+        r"^ARG AIRFLOW_IMAGE=(apache/airflow:([\w.]+)-python(3\.\d+))$",
+        (ROOT / "Dockerfile").read_text(),
+        re.M,
+    )
+    assert match, "the Dockerfile's AIRFLOW_IMAGE names its Python: apache/airflow:<version>-python3.X"
+    image, airflow, python = match.groups()
+    return image, airflow, python
+
+
+def lock_pins(python: str) -> dict[str, str]:
+    path = ROOT / f"constraints-{python}.txt"
+    assert path.exists(), f"no lock for Python {python}: run make lock"
+    pins = {}
+    for line in path.read_text().splitlines():
+        assert re.fullmatch(r"[A-Za-z0-9._-]+==[^\s;]+", line), f"{path.name}: {line!r} is no full pin"
+        name, version = line.split("==")
+        pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    return pins
+
+
 def test_image_is_the_pinned_airflow_version(compose):
     version = pinned("apache-airflow")
-    base = compose["x-airflow-common"]["build"]["args"]["AIRFLOW_IMAGE"]
-    assert base == f"apache/airflow:{version}"
+    image, airflow, _ = dockerfile_image()
+    assert airflow == version
+    assert compose["x-airflow-common"]["build"]["args"]["AIRFLOW_IMAGE"] == image, (
+        "compose builds the Dockerfile's own base image"
+    )
     assert compose["x-airflow-common"]["image"].endswith(f":{version}")
     dockerfile = (ROOT / "Dockerfile").read_text()
-    assert f"ARG AIRFLOW_IMAGE=apache/airflow:{version}" in dockerfile
-    assert "requirements.txt" in dockerfile
+    assert re.search(r"^FROM \$\{AIRFLOW_IMAGE\}$", dockerfile, re.M)
+    assert re.search(r"^RUN pip install .*-r /requirements\.txt", dockerfile, re.M)
+
+
+def test_image_installs_with_the_lock_of_its_python():
+    _, _, python = dockerfile_image()
+    assert python in supported_pythons()
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    install = re.search(r"^RUN pip install .*$", dockerfile, re.M)
+    assert install, dockerfile
+    locks = re.findall(r"-c /(constraints-[\w.]+\.txt)", install.group())
+    assert locks == [f"constraints-{python}.txt"], f"the image's Python is {python}: {install.group()}"
+    assert re.search(rf"^COPY .*\bconstraints-{re.escape(python)}\.txt\b.* /$", dockerfile, re.M)
+    # The build stops when AIRFLOW_IMAGE (a build argument) brings another Python than the lock's.
+    major, minor = python.split(".")
+    assert f"assert sys.version_info[:2] == ({major}, {minor})" in dockerfile
+    assert lock_pins(python)["apache-airflow"] == pinned("apache-airflow")
+
+
+def test_every_supported_python_has_a_lock_of_the_same_airflow():
+    pythons = supported_pythons()
+    assert sorted(path.name for path in ROOT.glob("constraints*.txt")) == sorted(
+        f"constraints-{python}.txt" for python in pythons
+    )
+    minors = sorted(int(python.split(".")[1]) for python in pythons)
+    assert minors == list(range(minors[0], minors[-1] + 1)), "the supported Pythons are a range"
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert f'requires-python = ">=3.{minors[0]},<3.{minors[-1] + 1}"' in pyproject
+    for python in pythons:
+        pins = lock_pins(python)
+        assert pins["apache-airflow"] == pinned("apache-airflow"), python
+        for package in ("apache-airflow-core", "pytest", "mypy", "ruff", "mysqlclient", "sqlglot"):
+            assert package in pins, f"constraints-{python}.txt lacks {package}"
 
 
 def test_services_of_a_celery_deployment(compose):

@@ -14,12 +14,10 @@ import logging
 from importlib import import_module
 from typing import Any
 
-from blueshift.outcomes import redact
+from blueshift.outcomes import AUDITED_STATUSES, redact
 from blueshift.settings import Settings
 
 log = logging.getLogger(__name__)
-
-STATUSES = ("succeeded", "rejected", "invalid", "failed", "dry_run")
 
 
 def build_alert(context: Any) -> tuple[str, str]:
@@ -37,7 +35,7 @@ def build_alert(context: Any) -> tuple[str, str]:
     window = f"{context.get('data_interval_start')} .. {context.get('data_interval_end')}"
     lines = [f"DAG {dag_id}, run {run_id}", f"window {window}"]
     if summary:
-        counts = ", ".join(f"{name} {summary.get(name, 0)}" for name in STATUSES)
+        counts = ", ".join(f"{status.value} {summary.get(status.value, 0)}" for status in AUDITED_STATUSES)
         lines.append(f"users {summary.get('users', 0)}: {counts}")
         failed_chunks, chunks = summary.get("chunks_failed", 0), summary.get("chunks", 0)
         lines.append(f"chunk tasks that did not finish: {failed_chunks} of {chunks}")

@@ -16,9 +16,10 @@ send, so the share is computed here. The pool still caps concurrency.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import DateTime, bindparam, text
 
@@ -28,6 +29,14 @@ if TYPE_CHECKING:
 
 FORGET_DEAD_LEASES_AFTER_SECONDS = 600.0
 """A lease silent this long belongs to a killed task: the next task that leaves deletes it."""
+
+
+def lease_holder(context: Any) -> str:
+    """Return a unique id of this task try (from its Airflow context), for its lease."""
+    ti = context.get("ti")
+    if ti is None:
+        return f"{context['run_id']}/{uuid.uuid4().hex}"
+    return f"{ti.dag_id}/{ti.run_id}/{ti.task_id}/{ti.map_index}/{ti.try_number}"
 
 
 class SharedBudget:
@@ -55,7 +64,7 @@ class SharedBudget:
         refresh_every: float = 0.25,
         stale_after: float = 5.0,
         join_timeout: float = 3.0,
-        clock: Callable[[], datetime] = lambda: datetime.now(UTC).replace(tzinfo=None),
+        clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc).replace(tzinfo=None),
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.store = store

@@ -1,4 +1,4 @@
-"""Exceptions of the Blueshift pipeline, one class per thing that can go wrong."""
+"""Exceptions of the Blueshift pipeline: one ``Blueshift<Thing>Error`` per thing that can go wrong."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ class BlueshiftAuthError(AirflowFailException):
     """Raise when Blueshift refuses the API key (401/403): every further request would fail too."""
 
 
-class BlueshiftChunkIncomplete(AirflowException):
+class BlueshiftChunkIncompleteError(AirflowException):
     """Raise when users of a chunk still failed after the in-task attempts; Airflow retries the chunk."""
 
 
-class BlueshiftRunIncomplete(AirflowFailException):
+class BlueshiftRunIncompleteError(AirflowFailException):
     """Raise from the audit when users ended ``failed`` or a chunk task did not finish: the run must fail."""
 
 
-class BlueshiftAuditMismatch(AirflowFailException):
+class BlueshiftAuditMismatchError(AirflowFailException):
     """Raise when the audit cannot account for every extracted user."""

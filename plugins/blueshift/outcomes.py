@@ -3,7 +3,18 @@
 from __future__ import annotations
 
 import re
-from enum import StrEnum
+from enum import Enum
+
+
+class StrEnum(str, Enum):
+    """``enum.StrEnum`` (Python 3.11+) for Python 3.10 too: each member is a ``str`` equal to its value, and
+    ``str()``, ``format()`` and f-strings give the plain value."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, format_spec: str) -> str:
+        return format(str(self.value), format_spec)
 
 
 class Status(StrEnum):
@@ -19,6 +30,10 @@ class Status(StrEnum):
     """Staging only: the user already succeeded for this window; a re-run does not send it again."""
 
 
+AUDITED_STATUSES = (Status.SUCCEEDED, Status.REJECTED, Status.INVALID, Status.FAILED, Status.DRY_RUN)
+"""The statuses a user can end with in the audit table, in the order the summaries list them."""
+
+
 class Verdict(StrEnum):
     """What the client does with an answer."""
 
@@ -28,7 +43,6 @@ class Verdict(StrEnum):
     RETRY = "retry"
 
 
-PERMANENT = frozenset({400, 413, 422})
 AUTH = frozenset({401, 403})
 TRANSIENT = frozenset({404, 409, 429, 500, 502, 503, 504})
 

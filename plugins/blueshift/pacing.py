@@ -6,7 +6,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 
 MAX_RETRY_AFTER_SECONDS = 120.0
@@ -30,8 +30,8 @@ def retry_after_seconds(value: str | None, *, now: datetime | None = None) -> fl
         except (TypeError, ValueError):
             return None
         if moment.tzinfo is None:  # an HTTP date is always GMT; obsolete forms may omit the zone
-            moment = moment.replace(tzinfo=UTC)
-        seconds = (moment - (now or datetime.now(UTC))).total_seconds()
+            moment = moment.replace(tzinfo=timezone.utc)
+        seconds = (moment - (now or datetime.now(timezone.utc))).total_seconds()
     if seconds != seconds:  # NaN
         return None
     return min(max(seconds, 0.0), MAX_RETRY_AFTER_SECONDS)
@@ -54,9 +54,9 @@ class AdaptiveRateLimiter:
     One thread at a time waits for the next send time, ``1 / rate`` after the previous send, with
     the rate read when it is due; the others queue behind it. So no send time is handed out ahead:
     when the rate drops (a 429, or a smaller share of the budget because another task joined) the
-    very next request already keeps the new spacing. (Handing out slots ahead, one per waiting
-    thread, kept up to a second of sends at the old rate: a burst above the budget each time a
-    task joined.) A sender woken a little late keeps the schedule; one woken long after its time
+    very next request already keeps the new spacing. (Slots handed out ahead, one per waiting
+    thread, would keep up to a second of sends at the old rate: a burst above the budget each time
+    a task joins.) A sender woken a little late keeps the schedule; one woken long after its time
     (the process was starved of CPU) does not catch up, so overdue requests never go out together.
     The rate adapts like TCP's congestion window: a 429 halves it (down to ``min_rate``), each
     success adds back ``max_rate / 50`` (so full speed returns within about 50 good answers).

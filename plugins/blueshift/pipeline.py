@@ -11,8 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from blueshift.connections import state_conn_id_for
-from blueshift.exceptions import BlueshiftAuditMismatch, BlueshiftConfigError, BlueshiftRunIncomplete
-from blueshift.outcomes import Status
+from blueshift.exceptions import (
+    BlueshiftAuditMismatchError,
+    BlueshiftConfigError,
+    BlueshiftRunIncompleteError,
+)
+from blueshift.outcomes import AUDITED_STATUSES, Status
 from blueshift.settings import Settings
 from blueshift.state import StateStore, batches, utc_naive
 from blueshift.validation import BUCKETS, normalize
@@ -22,7 +26,6 @@ log = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("customer_id", "email")
 MIN_CHUNK_USERS = 10
-AUDITED_STATUSES = (Status.SUCCEEDED, Status.REJECTED, Status.INVALID, Status.FAILED, Status.DRY_RUN)
 
 
 def warehouse_from(settings: Settings) -> Warehouse:
@@ -41,7 +44,7 @@ def read_extract_sql(path: str) -> str:
     file = Path(path)
     if not file.is_file():
         raise BlueshiftConfigError(
-            f"BLUESHIFT_EXTRACT_SQL={path!r} is not a file: point it at a .sql file that selects "
+            f"BLUESHIFT_EXTRACT_SQL_PATH={path!r} is not a file: point it at a .sql file that selects "
             "customer_id and email for :window_start <= consented_at < :window_end"
         )
     sql = file.read_text(encoding="utf-8")
@@ -124,18 +127,55 @@ def extract_and_stage(
     :param carry_over_since: also re-send users left ``failed`` by earlier windows since then.
     :return: counts and chunk descriptors only; no customer data.
     """
-    sql = read_extract_sql(settings.extract_sql)
+    sql = read_extract_sql(settings.extract_sql_path)
     warehouse, state = warehouse_from(settings), state_store_from(settings)
+    counts = _stage_window(
+        sql,
+        warehouse,
+        state,
+        settings,
+        dag_id=dag_id,
+        run_id=run_id,
+        window_start=window_start,
+        window_end=window_end,
+        force=force,
+        carry_over_since=carry_over_since,
+        read_chunksize=read_chunksize,
+    )
+    # The plan id ties each chunk task's result to this try of the extract: after a re-run, XComs of
+    # map indexes the new plan no longer has are still readable, and must not count as finished.
+    plan = uuid.uuid4().hex[:12]
+    chunks = plan_chunks(
+        state.pending_per_bucket(dag_id, run_id),
+        chunk_size=chunk_size,
+        max_chunks=settings.max_chunks,
+        min_chunks=settings.max_active_chunks,
+    )
+    summary = {**counts, "plan": plan, "chunks": [{**chunk, "plan": plan} for chunk in chunks]}
+    _log_staged(summary)
+    return summary
+
+
+def _stage_window(
+    sql: str,
+    warehouse: Warehouse,
+    state: StateStore,
+    settings: Settings,
+    *,
+    dag_id: str,
+    run_id: str,
+    window_start: datetime,
+    window_end: datetime,
+    force: bool,
+    carry_over_since: datetime | None,
+    read_chunksize: int,
+) -> dict[str, Any]:
+    """Stage the window's users and the failures carried over; return the counts of the staging."""
     warehouse.ensure_audit_table()
     state.ensure_tables()
     state.reset_run(dag_id, run_id)
-    rows = 0
-    for frame in _checked(
-        warehouse.read_window(sql, window_start, window_end, chunksize=read_chunksize), settings
-    ):
-        rows += len(frame)
-        users = normalize(frame).drop_duplicates("user_key")
-        state.stage(users, dag_id=dag_id, run_id=run_id, window_start=window_start, window_end=window_end)
+    frames = warehouse.read_window(sql, window_start, window_end, chunksize=read_chunksize)
+    rows = _stage(_checked(frames, settings), state, dag_id, run_id, window_start, window_end)
     window_users = sum(state.staged_counts(dag_id, run_id).values())
     if carry_over_since is not None:
         log.info("Retrying users left failed in windows since %s", carry_over_since.isoformat())
@@ -144,33 +184,6 @@ def extract_and_stage(
     )
     state.analyze()
     staged = state.staged_counts(dag_id, run_id)
-    users_total = sum(staged.values())
-    # The plan id ties each chunk task's result to this try of the extract: after a re-run, XComs of
-    # map indexes the new plan no longer has are still readable, and must not count as finished.
-    plan = uuid.uuid4().hex[:12]
-    chunks = [
-        {**chunk, "plan": plan}
-        for chunk in plan_chunks(
-            state.pending_per_bucket(dag_id, run_id),
-            chunk_size=chunk_size,
-            max_chunks=settings.max_chunks,
-            min_chunks=settings.max_active_chunks,
-        )
-    ]
-    log.info(
-        "Window [%s, %s): %d rows, %d users (%d duplicates removed), %d invalid, %d already succeeded, "
-        "%d failed earlier carried over; %d to send in %d chunks",
-        window_start.isoformat(),
-        window_end.isoformat(),
-        rows,
-        window_users,
-        rows - window_users,
-        staged.get(Status.INVALID.value, 0),
-        staged.get(Status.SKIPPED.value, 0),
-        carried,
-        staged.get(Status.PENDING.value, 0),
-        len(chunks),
-    )
     return {
         "window_start": window_start.isoformat(),
         "window_end": window_end.isoformat(),
@@ -179,14 +192,46 @@ def extract_and_stage(
         "window_users": window_users,
         "carried_over": carried,
         "already_succeeded": staged.get(Status.SKIPPED.value, 0),
-        "users": users_total,
+        "users": sum(staged.values()),
         "invalid": staged.get(Status.INVALID.value, 0),
         "to_send": staged.get(Status.PENDING.value, 0),
         "carry_over_since": carry_over_since.isoformat() if carry_over_since else None,
         "expired_failures": expired,
-        "plan": plan,
-        "chunks": chunks,
     }
+
+
+def _stage(
+    frames: Iterable[Any],
+    state: StateStore,
+    dag_id: str,
+    run_id: str,
+    window_start: datetime,
+    window_end: datetime,
+) -> int:
+    """Normalize, de-duplicate and stage each frame of the extract; return the rows read."""
+    rows = 0
+    for frame in frames:
+        rows += len(frame)
+        users = normalize(frame).drop_duplicates("user_key")
+        state.stage(users, dag_id=dag_id, run_id=run_id, window_start=window_start, window_end=window_end)
+    return rows
+
+
+def _log_staged(summary: dict[str, Any]) -> None:
+    log.info(
+        "Window [%s, %s): %d rows, %d users (%d duplicates removed), %d invalid, %d already succeeded, "
+        "%d failed earlier carried over; %d to send in %d chunks",
+        summary["window_start"],
+        summary["window_end"],
+        summary["rows"],
+        summary["window_users"],
+        summary["duplicates"],
+        summary["invalid"],
+        summary["already_succeeded"],
+        summary["carried_over"],
+        summary["to_send"],
+        len(summary["chunks"]),
+    )
 
 
 def _apply_prior_outcomes(
@@ -232,7 +277,7 @@ def _checked(frames: Iterable[Any], settings: Settings) -> Iterable[Any]:
         missing = [column for column in REQUIRED_COLUMNS if column not in frame.columns]
         if missing:
             raise BlueshiftConfigError(
-                f"The extract query {settings.extract_sql} returns no column(s) {', '.join(missing)} "
+                f"The extract query {settings.extract_sql_path} returns no column(s) {', '.join(missing)} "
                 f"(it returns {', '.join(frame.columns)}): alias your columns AS customer_id and AS email"
             )
         yield frame
@@ -241,6 +286,19 @@ def _checked(frames: Iterable[Any], settings: Settings) -> Iterable[Any]:
 def finished_chunks(results: Iterable[Any] | None, plan: str | None) -> int:
     """Return how many chunk tasks of this plan returned a result (a failed task returns nothing)."""
     return sum(1 for result in results or () if isinstance(result, dict) and result.get("plan") == plan)
+
+
+_EXTRACT_COUNTS = (
+    "window_start",
+    "window_end",
+    "rows",
+    "duplicates",
+    "users",
+    "already_succeeded",
+    "carried_over",
+    "expired_failures",
+)
+"""The extract's counts that the audit's summary repeats."""
 
 
 def audit_run(
@@ -271,17 +329,7 @@ def audit_run(
     staged = sum(staged_counts.values())
     audited = sum(counts.values())
     summary: dict[str, Any] = {status.value: counts.get(status.value, 0) for status in AUDITED_STATUSES}
-    for name in (
-        "window_start",
-        "window_end",
-        "rows",
-        "duplicates",
-        "users",
-        "already_succeeded",
-        "carried_over",
-        "expired_failures",
-    ):
-        summary[name] = prepared.get(name, 0)
+    summary.update({name: prepared.get(name, 0) for name in _EXTRACT_COUNTS})
     summary["chunks"] = int(prepared["chunks"])
     summary["chunks_failed"] = summary["chunks"] - finished_chunks
     log.info("Audit of run %s\n%s", run_id, format_summary(summary))
@@ -307,12 +355,12 @@ def audit_run(
 def raise_if_incomplete(summary: dict[str, Any], settings: Settings) -> None:
     """Fail the run unless every user is accounted for and none ended ``failed``."""
     if not (summary["audited"] == summary["staged"] == summary["users"]):
-        raise BlueshiftAuditMismatch(
+        raise BlueshiftAuditMismatchError(
             f"Audit mismatch: {summary['users']} users extracted, {summary['staged']} staged, "
             f"{summary['audited']} audited"
         )
     if summary[Status.FAILED.value] or summary["chunks_failed"]:
-        raise BlueshiftRunIncomplete(
+        raise BlueshiftRunIncompleteError(
             f"{summary[Status.FAILED.value]} users ended failed and {summary['chunks_failed']} of "
             f"{summary['chunks']} chunk tasks did not finish; see {settings.audit_table} for the users "
             "and the chunk task logs for the cause, then clear the failed tasks to re-send them"

@@ -62,18 +62,78 @@ def _json_object(value: str) -> str:
     return value
 
 
-OLD_NAMES = {"max_active_chunks": "BLUESHIFT_POOL_SLOTS"}
-"""Variables read under an earlier name when the current one is unset, for existing deployments."""
+def _host_list(value: str) -> tuple[str, ...]:
+    return tuple(host.strip() for host in value.split(",") if host.strip())
+
+
+PARSERS: dict[str, Callable[[str], Any]] = {
+    "rate_limit": _positive_float,
+    "max_active_chunks": _positive_int,
+    "max_in_flight": _positive_int,
+    "max_attempts": _positive_int,
+    "backoff_base_seconds": _positive_float,
+    "backoff_cap_seconds": _positive_float,
+    "connect_timeout": _positive_float,
+    "read_timeout": _positive_float,
+    "progress_interval": _positive_float,
+    "task_retries": _non_negative_int,
+    "retry_delay_seconds": _non_negative_int,
+    "max_chunks": _positive_int,
+    "carry_over_days": _non_negative_int,
+    "run_timeout_minutes": _positive_int,
+    "alert_notifier_kwargs": _json_object,
+    "allow_http_hosts": _host_list,
+}
+"""How a variable's text becomes a field's value; fields not listed take the stripped text."""
+
+ENV_NAMES: dict[str, tuple[str, ...]] = {
+    "blueshift_conn_id": ("BLUESHIFT_CONN_ID",),
+    "extract_sql_path": ("BLUESHIFT_EXTRACT_SQL_PATH", "BLUESHIFT_EXTRACT_SQL"),
+    "max_active_chunks": ("BLUESHIFT_MAX_ACTIVE_CHUNKS", "BLUESHIFT_POOL_SLOTS"),
+}
+"""The variables of the fields not read as just ``BLUESHIFT_<FIELD>``: the primary name first, then
+older names, each read only when the ones before it are unset (for existing deployments)."""
+
+OPERATOR_KWARGS = (
+    "blueshift_conn_id",
+    "state_conn_id",
+    "warehouse_conn_id",
+    "rate_limit",
+    "max_in_flight",
+    "max_attempts",
+    "backoff_base_seconds",
+    "backoff_cap_seconds",
+    "connect_timeout",
+    "read_timeout",
+    "staging_table",
+    "progress_interval",
+    "allow_http_hosts",
+)
+"""The settings that ``BlueshiftStartTrackingOperator`` takes as keyword arguments of the same name."""
+
+
+def env_names(field_name: str) -> tuple[str, ...]:
+    """Return the variables a field is read from, the primary name first."""
+    return ENV_NAMES.get(field_name, (f"BLUESHIFT_{field_name.upper()}",))
+
+
+def _read(environ: Mapping[str, str], field_name: str) -> tuple[str, str] | None:
+    """Return ``(variable, text)`` of the first of the field's variables that is set and not blank."""
+    for name in env_names(field_name):
+        raw = environ.get(name)
+        if raw is not None and raw.strip():
+            return name, raw
+    return None
 
 
 @dataclass(frozen=True)
 class Settings:
-    """All deployment settings of the pipeline, with their defaults."""
+    """All deployment settings of the pipeline, with their defaults: the one place they are set."""
 
-    conn_id: str = "blueshift_default"
+    blueshift_conn_id: str = "blueshift_default"
     warehouse_conn_id: str = "warehouse_default"
     state_conn_id: str = "blueshift_state"
-    extract_sql: str = str(DEFAULT_EXTRACT_SQL)
+    extract_sql_path: str = str(DEFAULT_EXTRACT_SQL)
     audit_table: str = "blueshift_start_tracking_audit"
     staging_table: str = "blueshift_start_tracking_staging"
     rate_limit: float = 50.0
@@ -85,6 +145,7 @@ class Settings:
     backoff_cap_seconds: float = 30.0
     connect_timeout: float = 5.0
     read_timeout: float = 30.0
+    progress_interval: float = 5.0
     task_retries: int = 2
     retry_delay_seconds: int = 60
     max_chunks: int = 256
@@ -92,37 +153,20 @@ class Settings:
     run_timeout_minutes: int = 720
     alert_notifier: str = ""
     alert_notifier_kwargs: str = "{}"
+    allow_http_hosts: tuple[str, ...] = ()
+    """Hosts the API key may reach over plain http besides loopback (test stand-ins)."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Read every ``BLUESHIFT_<FIELD>`` variable; a bad value raises an error naming the variable."""
+        """Read every field's variable (see ``env_names``); a bad value raises an error naming it."""
         environ = os.environ if environ is None else environ
-        parsers: dict[str, Callable[[str], Any]] = {
-            "rate_limit": _positive_float,
-            "max_active_chunks": _positive_int,
-            "max_in_flight": _positive_int,
-            "max_attempts": _positive_int,
-            "backoff_base_seconds": _positive_float,
-            "backoff_cap_seconds": _positive_float,
-            "connect_timeout": _positive_float,
-            "read_timeout": _positive_float,
-            "task_retries": _non_negative_int,
-            "retry_delay_seconds": _non_negative_int,
-            "max_chunks": _positive_int,
-            "carry_over_days": _non_negative_int,
-            "run_timeout_minutes": _positive_int,
-            "alert_notifier_kwargs": _json_object,
-        }
         values: dict[str, Any] = {}
         for field in fields(cls):
-            name = f"BLUESHIFT_{field.name.upper()}"
-            raw = environ.get(name)
-            if (raw is None or not raw.strip()) and field.name in OLD_NAMES:
-                name = OLD_NAMES[field.name]
-                raw = environ.get(name)
-            if raw is None or raw.strip() == "":
+            found = _read(environ, field.name)
+            if found is None:
                 continue
-            parse = parsers.get(field.name, str.strip)
+            name, raw = found
+            parse = PARSERS.get(field.name, str.strip)
             try:
                 values[field.name] = parse(raw)
             except ValueError as err:
@@ -139,3 +183,11 @@ class Settings:
         """Return the alert notifier's keyword arguments."""
         parsed: dict[str, Any] = json.loads(self.alert_notifier_kwargs)
         return parsed
+
+    def operator_kwargs(self) -> dict[str, Any]:
+        """Return the keyword arguments of ``BlueshiftStartTrackingOperator`` these settings hold."""
+        return {name: getattr(self, name) for name in OPERATOR_KWARGS}
+
+
+DEFAULTS = Settings()
+"""The defaults, for the signatures of the hook and the operator (never read from the environment)."""

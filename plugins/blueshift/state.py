@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +40,7 @@ _BATCH = 10_000
 def utc_naive(moment: datetime) -> datetime:
     """Return ``moment`` in UTC without tzinfo, the form stored in TIMESTAMP columns."""
     if moment.tzinfo is not None:
-        moment = moment.astimezone(UTC).replace(tzinfo=None)
+        moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
     return moment
 
 

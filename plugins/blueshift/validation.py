@@ -63,37 +63,10 @@ def normalize(frame: pd.DataFrame) -> pd.DataFrame:
     emails = [text.lower() if text else None for text in map(_to_text, frame["email"].tolist())]
     customer_id = pd.Series(ids, index=frame.index, dtype=object)
     email = pd.Series(emails, index=frame.index, dtype=object)
-
-    has_email = email.notna()
-    has_id = customer_id.notna()
-    email_str = email.fillna("").astype(str)
-    id_str = customer_id.fillna("").astype(str)
-
-    parts = email_str.str.split("@", regex=False)
-    at_count = email_str.str.count("@")
-    local = parts.str[0].fillna("")
-    domain = parts.str[-1].fillna("")
-    errors: list[tuple[pd.Series, str]] = [
-        (~has_email & ~has_id, "no email and no customer_id"),
-        (has_email & (at_count != 1), "email must contain exactly one @"),
-        (has_email & (at_count == 1) & (local == ""), "email has an empty local part"),
-        (
-            has_email & (at_count == 1) & ~domain.str.strip(".").str.contains(".", regex=False),
-            "email domain has no dot",
-        ),
-        (has_email & email_str.str.contains(_WHITESPACE, regex=True), "email contains whitespace"),
-        (has_email & email_str.str.contains(_CONTROL, regex=True), "email contains control characters"),
-        (has_email & (email_str.str.len() > EMAIL_MAX_LENGTH), f"email longer than {EMAIL_MAX_LENGTH}"),
-        (has_id & id_str.str.contains(_CONTROL, regex=True), "customer_id contains control characters"),
-        (
-            has_id & (id_str.str.len() > CUSTOMER_ID_MAX_LENGTH),
-            f"customer_id longer than {CUSTOMER_ID_MAX_LENGTH}",
-        ),
-    ]
     error = pd.Series([None] * len(frame), index=frame.index, dtype=object)
-    for mask, reason in errors:
+    for mask, reason in _broken_rules(customer_id, email):
         mask = mask.fillna(False).astype(bool)
-        error = error.where(~mask | error.notna(), reason)
+        error = error.where(~mask | error.notna(), reason)  # the first broken rule is the reason
 
     keys = [user_key(c, e) for c, e in zip(ids, emails, strict=True)]
     return pd.DataFrame(
@@ -106,6 +79,33 @@ def normalize(frame: pd.DataFrame) -> pd.DataFrame:
         },
         index=frame.index,
     )
+
+
+def _broken_rules(customer_id: pd.Series, email: pd.Series) -> list[tuple[pd.Series, str]]:
+    """Return each validation rule as (rows that break it, reason), in the order they are reported."""
+    has_email = email.notna()
+    has_id = customer_id.notna()
+    email_str = email.fillna("").astype(str)
+    id_str = customer_id.fillna("").astype(str)
+    parts = email_str.str.split("@", regex=False)
+    at_count = email_str.str.count("@")
+    local = parts.str[0].fillna("")
+    domain = parts.str[-1].fillna("")
+    one_at = has_email & (at_count == 1)
+    return [
+        (~has_email & ~has_id, "no email and no customer_id"),
+        (has_email & (at_count != 1), "email must contain exactly one @"),
+        (one_at & (local == ""), "email has an empty local part"),
+        (one_at & ~domain.str.strip(".").str.contains(".", regex=False), "email domain has no dot"),
+        (has_email & email_str.str.contains(_WHITESPACE, regex=True), "email contains whitespace"),
+        (has_email & email_str.str.contains(_CONTROL, regex=True), "email contains control characters"),
+        (has_email & (email_str.str.len() > EMAIL_MAX_LENGTH), f"email longer than {EMAIL_MAX_LENGTH}"),
+        (has_id & id_str.str.contains(_CONTROL, regex=True), "customer_id contains control characters"),
+        (
+            has_id & (id_str.str.len() > CUSTOMER_ID_MAX_LENGTH),
+            f"customer_id longer than {CUSTOMER_ID_MAX_LENGTH}",
+        ),
+    ]
 
 
 def storable(value: str | None) -> str | None:

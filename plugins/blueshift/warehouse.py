@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +29,7 @@ from blueshift.state import batches, utc_naive
 
 if TYPE_CHECKING:
     import pandas as pd
-    from sqlalchemy.engine import Engine
+    from sqlalchemy.engine import Connection, Engine
 
 
 def sql_timestamp(moment: datetime) -> str:
@@ -113,9 +113,9 @@ class Warehouse:
                 # The driver's message names the table or column; it holds the query, not customer data.
                 cause = str(getattr(err, "orig", err)).strip().splitlines()[0][:300]
                 raise BlueshiftConfigError(
-                    f"The extract query failed on warehouse connection {self.conn_id!r}: {cause}. Check the "
-                    "table and column names in BLUESHIFT_EXTRACT_SQL and that the connection points at the "
-                    "right database"
+                    f"The extract query failed on warehouse connection {self.conn_id!r}: {cause}. Check "
+                    "the table and column names in BLUESHIFT_EXTRACT_SQL_PATH and that the connection "
+                    "points at the right database"
                 ) from err
 
     def read_prior(
@@ -185,7 +185,25 @@ class Warehouse:
         :return: the audit table's rows per status for the published users.
         """
         scratch = self._scratch_table()
-        moment = utc_naive(now or datetime.now(UTC))
+        moment = utc_naive(now or datetime.now(timezone.utc))
+        upsert = text(dialects.upsert_audit(self.dialect, self.audit_table, scratch)).bindparams(
+            bindparam("now", type_=DateTime())
+        )
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(text(dialects.create_scratch_table(self.dialect, scratch)))
+                self._load_scratch(conn, scratch, outcomes)
+                conn.execute(upsert, {"now": moment})
+                if carry_over_since is not None:
+                    self._close_carried_over(conn, scratch, dag_id, run_id, carry_over_since, moment)
+                counts = conn.execute(text(self._count_published(scratch)))
+                return {str(status): int(count) for status, count in counts}
+        finally:
+            with self.engine.begin() as conn:
+                conn.execute(text(dialects.drop_table(self.dialect, scratch)))
+
+    def _load_scratch(self, conn: Connection, scratch: str, outcomes: Iterable[dict[str, Any]]) -> None:
+        """Insert the outcomes into the scratch table in batches (one executemany per batch)."""
         insert = text(dialects.insert_scratch(self.dialect, scratch)).bindparams(
             bindparam("window_start", type_=DateTime()),
             bindparam("window_end", type_=DateTime()),
@@ -195,35 +213,18 @@ class Warehouse:
             bindparam("email", type_=String()),
             bindparam("error", type_=String()),
         )
-        upsert = text(dialects.upsert_audit(self.dialect, self.audit_table, scratch)).bindparams(
-            bindparam("now", type_=DateTime())
+        rows = ({column: outcome[column] for column in dialects.SCRATCH_COLUMNS} for outcome in outcomes)
+        for batch in batches(rows):
+            conn.execute(insert, batch)
+
+    def _close_carried_over(
+        self, conn: Connection, scratch: str, dag_id: str, run_id: str, since: datetime, now: datetime
+    ) -> None:
+        """Close the earlier windows' ``failed`` rows of the users this run sent successfully."""
+        close = text(dialects.close_carried_over(self.dialect, self.audit_table, scratch)).bindparams(
+            bindparam("now", type_=DateTime()), bindparam("since", type_=DateTime())
         )
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(text(dialects.create_scratch_table(self.dialect, scratch)))
-                for batch in batches(
-                    {column: outcome[column] for column in dialects.SCRATCH_COLUMNS} for outcome in outcomes
-                ):
-                    conn.execute(insert, batch)
-                conn.execute(upsert, {"now": moment})
-                if carry_over_since is not None:
-                    close = text(
-                        dialects.close_carried_over(self.dialect, self.audit_table, scratch)
-                    ).bindparams(bindparam("now", type_=DateTime()), bindparam("since", type_=DateTime()))
-                    conn.execute(
-                        close,
-                        {
-                            "dag_id": dag_id,
-                            "run_id": run_id,
-                            "now": moment,
-                            "since": utc_naive(carry_over_since),
-                        },
-                    )
-                counts = conn.execute(text(self._count_published(scratch)))
-                return {str(status): int(count) for status, count in counts}
-        finally:
-            with self.engine.begin() as conn:
-                conn.execute(text(dialects.drop_table(self.dialect, scratch)))
+        conn.execute(close, {"dag_id": dag_id, "run_id": run_id, "now": now, "since": utc_naive(since)})
 
     def _count_published(self, scratch: str) -> str:
         key = " AND ".join(f"audit.{column} = scratch.{column}" for column in dialects.AUDIT_KEY)

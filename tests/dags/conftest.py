@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +126,7 @@ def run_dag(
         dag = bag.get_dag(DAG_ID)
         capfd.readouterr()
         caplog.clear()
-        dag_run = dag.test(logical_date=logical_date.replace(tzinfo=UTC), run_conf=conf)
+        dag_run = dag.test(logical_date=logical_date.replace(tzinfo=timezone.utc), run_conf=conf)
         out, err = capfd.readouterr()
         with create_session() as session:
             from airflow.models.taskinstance import TaskInstance

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 
 import pytest
 
@@ -38,10 +38,10 @@ def test_daily_windows_are_a_day_long(dag):
     from airflow.serialization.encoders import coerce_to_core_timetable
 
     interval = coerce_to_core_timetable(dag.timetable).infer_manual_data_interval(
-        run_after=datetime(2026, 11, 25, tzinfo=UTC)
+        run_after=datetime(2026, 11, 25, tzinfo=timezone.utc)
     )
-    assert interval.start == datetime(2026, 11, 24, tzinfo=UTC)
-    assert interval.end == datetime(2026, 11, 25, tzinfo=UTC)
+    assert interval.start == datetime(2026, 11, 24, tzinfo=timezone.utc)
+    assert interval.end == datetime(2026, 11, 25, tzinfo=timezone.utc)
 
 
 def test_wiring(dag):

@@ -221,6 +221,6 @@ def test_failure_alert_goes_through_the_configured_notifier(sqlite_warehouse, st
     alert = alert_file.read_text()
     assert "blueshift_start_tracking failed for window 2026-11-24" in alert
     assert "succeeded 10" in alert and "failed 2" in alert
-    assert "BlueshiftRunIncomplete" in alert
+    assert "BlueshiftRunIncompleteError" in alert
     _assert_no_secrets_or_emails(alert, [email for _, email, _ in users])
     assert "ALERT [Airflow] blueshift_start_tracking failed" in result.output

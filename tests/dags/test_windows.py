@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 
 from blueshift.pipeline import read_extract_sql
 from blueshift.settings import DEFAULT_EXTRACT_SQL
@@ -32,7 +32,7 @@ def test_midnight_belongs_to_its_own_day(warehouse_db, monkeypatch):
             for customer_id in frame["customer_id"]
         }
 
-    day = [datetime(2026, 11, d, tzinfo=UTC) for d in (23, 24, 25, 26)]
+    day = [datetime(2026, 11, d, tzinfo=timezone.utc) for d in (23, 24, 25, 26)]
     assert ids(day[1], day[2]) == {"MIDNIGHT-24", "NOON-24", "LAST-OF-24"}
     assert ids(day[0], day[1]) == {"LAST-OF-23"}
     assert ids(day[2], day[3]) == {"MIDNIGHT-25"}

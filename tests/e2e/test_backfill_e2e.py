@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Iterator
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta, timezone
 
 import pytest
 
@@ -57,7 +57,7 @@ def test_schedule_backfill_rerun_dry_run_and_carry_over(stack, postgres_warehous
     # Every date is relative to the day the scheduler sees: unpausing creates the run of the last
     # whole day before now, so the test holds on any day of any year. Days -9 .. +1 are seeded so
     # that a test started just before midnight UTC still finds its users.
-    today = datetime.now(UTC).date()
+    today = datetime.now(timezone.utc).date()
     users = {_day(today, offset): users_of_day(_day(today, offset), PER_DAY) for offset in range(-9, 2)}
     seed_source(postgres_warehouse.url, [row for rows in users.values() for row in rows])
     stack.wait_for_dag(DAG_ID)

@@ -10,7 +10,7 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import psutil
@@ -48,7 +48,7 @@ def _unrecorded_at_most() -> int:
     the outcomes waiting for the next flush to the staging table (one flush interval at the task's
     pace; the loop checks for a flush at least every budget refresh, so that long again at most)."""
     from blueshift.budget import SharedBudget
-    from blueshift.operators import FLUSH_EVERY_SECONDS
+    from blueshift.sender import FLUSH_EVERY_SECONDS
 
     refresh = inspect.signature(SharedBudget).parameters["refresh_every"].default
     return CRASH_IN_FLIGHT + math.ceil(CRASH_RATE * (FLUSH_EVERY_SECONDS + min(FLUSH_EVERY_SECONDS, refresh)))
@@ -91,7 +91,7 @@ def _manual_window() -> tuple[str, str]:
     same moment makes the scheduler fail on a unique key, so the manual run is a month back, computed
     from today so that the test holds on any day.
     """
-    logical = datetime.now(UTC).date() - timedelta(days=30)
+    logical = datetime.now(timezone.utc).date() - timedelta(days=30)
     return (logical - timedelta(days=1)).isoformat(), f"{logical.isoformat()}T00:00:00Z"
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 import pytest
 import sqlalchemy as sa
@@ -15,7 +15,7 @@ DAG_ID = "blueshift_start_tracking"
 
 
 def day(n: int) -> datetime:
-    return datetime(2026, 11, n, tzinfo=UTC)
+    return datetime(2026, 11, n, tzinfo=timezone.utc)
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import requests
 
 from blueshift.exceptions import BlueshiftConfigError
 from blueshift.hooks import REGION_HOSTS, START_TRACKING_ENDPOINT, BlueshiftHook
+from blueshift.settings import DEFAULTS, Settings
 
 KEY = "sk-live-9f8e7d6c5b4a3210"
 EXPECTED_HEADER = "Basic " + base64.b64encode(f"{KEY}:".encode()).decode()
@@ -127,5 +128,47 @@ def test_plain_http_to_a_listed_test_host(monkeypatch):
     _set_conn(monkeypatch, host="http://blueshift-standin:8099", login=KEY)
     with pytest.raises(BlueshiftConfigError, match="BLUESHIFT_ALLOW_HTTP_HOSTS"):
         BlueshiftHook().get_conn()
-    monkeypatch.setenv("BLUESHIFT_ALLOW_HTTP_HOSTS", "blueshift-standin")
-    assert BlueshiftHook().get_conn() is not None
+    settings = Settings.from_env({"BLUESHIFT_ALLOW_HTTP_HOSTS": " blueshift-standin, other-host "})
+    assert settings.allow_http_hosts == ("blueshift-standin", "other-host")
+    assert BlueshiftHook(allow_http_hosts=settings.allow_http_hosts).get_conn() is not None
+
+
+def test_test_connection_checks_without_sending(monkeypatch, requests_mock):
+    _set_conn(monkeypatch, host=REGION_HOSTS["eu"], login=KEY)
+    usable, message = BlueshiftHook().test_connection()
+    assert usable, message
+    assert REGION_HOSTS["eu"] in message
+    assert KEY not in message
+    assert requests_mock.call_count == 0, "nothing is sent to Blueshift"
+
+
+@pytest.mark.parametrize(
+    ("fields", "fix"),
+    [
+        ({"host": REGION_HOSTS["us"]}, "put the Blueshift User API key"),
+        ({"host": "http://api.getblueshift.com", "login": KEY}, "only sent over https"),
+        ({"host": "api.getblueshift.com", "login": KEY}, "without a scheme"),
+        ({"host": REGION_HOSTS["us"], "login": KEY, "extra": {"verify": False}}, "TLS certificate checks"),
+    ],
+)
+def test_test_connection_names_the_fix(monkeypatch, requests_mock, fields, fix):
+    _set_conn(monkeypatch, **fields)
+    usable, message = BlueshiftHook().test_connection()
+    assert not usable
+    assert fix in message
+    assert KEY not in message
+    assert requests_mock.call_count == 0
+
+
+def test_test_connection_of_a_missing_connection(monkeypatch):
+    monkeypatch.delenv("AIRFLOW_CONN_BLUESHIFT_DEFAULT", raising=False)
+    usable, message = BlueshiftHook().test_connection()
+    assert not usable
+    assert "blueshift_default" in message
+
+
+def test_defaults_come_from_the_settings():
+    hook = BlueshiftHook()
+    assert hook.blueshift_conn_id == DEFAULTS.blueshift_conn_id == BlueshiftHook.default_conn_name
+    assert hook.timeout == (DEFAULTS.connect_timeout, DEFAULTS.read_timeout)
+    assert hook.allow_http_hosts == frozenset()

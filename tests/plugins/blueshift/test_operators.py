@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import json
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from types import SimpleNamespace
 from typing import Any
 
@@ -11,14 +12,15 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 
-from blueshift.exceptions import BlueshiftAuthError, BlueshiftChunkIncomplete, BlueshiftConfigError
+from blueshift.exceptions import BlueshiftAuthError, BlueshiftChunkIncompleteError, BlueshiftConfigError
 from blueshift.operators import BlueshiftStartTrackingOperator, as_bool
+from blueshift.settings import Settings
 from blueshift.state import StateStore
 from blueshift.validation import normalize
 from tests.conftest import API_KEY
 
 DAG_ID, RUN_ID = "blueshift_start_tracking", "manual__test"
-WINDOW = (datetime(2026, 11, 24, tzinfo=UTC), datetime(2026, 11, 25, tzinfo=UTC))
+WINDOW = (datetime(2026, 11, 24, tzinfo=timezone.utc), datetime(2026, 11, 25, tzinfo=timezone.utc))
 MAX_ATTEMPTS = 3
 
 
@@ -82,7 +84,7 @@ def test_each_documented_status_gives_its_outcome(store, blueshift, http_status,
     stage(store, [(f"C-{http_status}", None), ("C-OK", None)])
 
     if status == "failed":
-        with pytest.raises(BlueshiftChunkIncomplete, match="1 of 2 users"):
+        with pytest.raises(BlueshiftChunkIncompleteError, match="1 of 2 users"):
             run_operator()
     else:
         summary = run_operator()
@@ -133,7 +135,7 @@ def test_dropped_connections_and_timeouts_are_retried(store, blueshift, fault):
 
     try:
         run_operator(max_attempts=6)
-    except BlueshiftChunkIncomplete:
+    except BlueshiftChunkIncompleteError:
         pass  # a user may exhaust its attempts by chance; the bound below still holds
     rows = staged(store).values()
     retried = [row for row in rows if row["attempts"] > 1]
@@ -146,12 +148,14 @@ def test_dropped_connections_and_timeouts_are_retried(store, blueshift, fault):
 def test_retry_after_is_honoured(store, blueshift, requests_mock, monkeypatch, form):
     """A Retry-After header, if Blueshift ever sends one, delays the next attempt (both RFC 9110 forms)."""
     import time
-    from datetime import UTC, datetime, timedelta
+    from datetime import datetime, timedelta, timezone
     from email.utils import format_datetime
 
     # An HTTP date has whole seconds: two seconds ahead is a wait of more than one.
     retry_after = (
-        "1" if form == "seconds" else format_datetime(datetime.now(UTC) + timedelta(seconds=2), usegmt=True)
+        "1"
+        if form == "seconds"
+        else format_datetime(datetime.now(timezone.utc) + timedelta(seconds=2), usegmt=True)
     )
 
     monkeypatch.setenv(
@@ -184,7 +188,7 @@ def test_dry_run_sends_nothing(store, blueshift):
 def test_retry_of_a_chunk_resends_only_unfinished_users(store, blueshift):
     blueshift.state.config.fixed = {"C-FLAKY": 503}
     stage(store, [("C-FLAKY", None), ("C-1", None), ("C-2", None)])
-    with pytest.raises(BlueshiftChunkIncomplete):
+    with pytest.raises(BlueshiftChunkIncompleteError):
         run_operator()
     first = blueshift.state.requests
     blueshift.state.config.fixed = {}
@@ -205,3 +209,15 @@ def test_as_bool(value, expected):
 def test_as_bool_names_the_param():
     with pytest.raises(BlueshiftConfigError, match="'dry_run' must be true or false"):
         as_bool("maybe", "dry_run")
+
+
+def test_settings_hold_exactly_the_operators_keyword_arguments():
+    """The DAG passes ``**SETTINGS.operator_kwargs()``: every argument but the chunk and the param."""
+    parameters = inspect.signature(BlueshiftStartTrackingOperator.__init__).parameters
+    settable = {name for name, p in parameters.items() if p.kind is p.KEYWORD_ONLY} - {
+        "chunk",
+        "dry_run_enabled",
+    }
+    assert set(Settings().operator_kwargs()) == settable
+    for name, value in Settings().operator_kwargs().items():
+        assert parameters[name].default == value, f"{name}: the operator's default is the setting's"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 
 import pytest
 
@@ -168,7 +168,7 @@ def test_circuit_opens_after_a_storm_and_closes_on_success():
     assert breaker.opened == 5
 
 
-NOW = datetime(2026, 10, 21, 7, 28, 0, tzinfo=UTC)
+NOW = datetime(2026, 10, 21, 7, 28, 0, tzinfo=timezone.utc)
 
 
 @pytest.mark.parametrize(

@@ -119,6 +119,19 @@ def test_bad_settings_name_the_variable(name, value, message):
         Settings.from_env({name: value})
 
 
+def test_fields_with_other_variable_names():
+    assert Settings.from_env({"BLUESHIFT_CONN_ID": "bs_eu"}).blueshift_conn_id == "bs_eu"
+    assert Settings.from_env({"BLUESHIFT_EXTRACT_SQL": "/q.sql"}).extract_sql_path == "/q.sql"
+    both = {"BLUESHIFT_EXTRACT_SQL_PATH": "/new.sql", "BLUESHIFT_EXTRACT_SQL": "/old.sql"}
+    assert Settings.from_env(both).extract_sql_path == "/new.sql", "the primary name wins"
+    assert Settings.from_env({"BLUESHIFT_POOL_SLOTS": "3"}).max_active_chunks == 3
+    assert (
+        Settings.from_env({"BLUESHIFT_MAX_ACTIVE_CHUNKS": "2", "BLUESHIFT_POOL_SLOTS": "3"}).max_active_chunks
+        == 2
+    )
+    assert Settings.from_env({"BLUESHIFT_BLUESHIFT_CONN_ID": "x"}).blueshift_conn_id == "blueshift_default"
+
+
 def test_schema_qualified_table_is_allowed():
     assert Settings.from_env({"BLUESHIFT_AUDIT_TABLE": "marketing.audit"}).audit_table == "marketing.audit"
 

@@ -71,7 +71,7 @@ def test_schema_qualified_staging_table_gets_its_index(monkeypatch, postgres_war
 
 def test_outcome_updates_find_each_user_by_primary_key(monkeypatch, postgres_warehouse):
     """After staging, the per-user UPDATE's generic plan uses the primary key, not the bucket index."""
-    from datetime import UTC, datetime
+    from datetime import datetime, timezone
 
     import pandas as pd
 
@@ -82,7 +82,7 @@ def test_outcome_updates_find_each_user_by_primary_key(monkeypatch, postgres_war
     users = normalize(
         pd.DataFrame([(f"C-{n}", None) for n in range(5_000)], columns=["customer_id", "email"])
     )
-    start, end = datetime(2026, 11, 24, tzinfo=UTC), datetime(2026, 11, 25, tzinfo=UTC)
+    start, end = datetime(2026, 11, 24, tzinfo=timezone.utc), datetime(2026, 11, 25, tzinfo=timezone.utc)
     warehouse.stage(users, dag_id="d", run_id="r", window_start=start, window_end=end)
     warehouse.analyze()
     with warehouse.engine.connect() as conn:

@@ -9,7 +9,7 @@ the real extract, the real chunk tasks sending to the stand-in, and the real aud
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -25,7 +25,7 @@ from tests.conftest import API_KEY, FIGURES
 from tests.dags.conftest import seed_source, users_of_day
 
 DAG_ID = "blueshift_start_tracking"
-WINDOW = (datetime(2026, 11, 24, tzinfo=UTC), datetime(2026, 11, 25, tzinfo=UTC))
+WINDOW = (datetime(2026, 11, 24, tzinfo=timezone.utc), datetime(2026, 11, 25, tzinfo=timezone.utc))
 CHUNK_USERS = 20
 
 
