@@ -61,10 +61,13 @@ $(VENV)/.python: FORCE
 	  elif [ -e $(VENV) ] && [ ! -e $(VENV)/pyvenv.cfg ]; then \
 	    echo "$(VENV) exists and is not a venv: remove it or choose another VENV=" >&2; exit 1; \
 	  else \
-	    [ ! -e $(VENV) ] || echo "$(VENV) was built with another Python: rebuilding it with $(PYTHON) ($(word 2,$(PY_ID)))"; \
+	    [ ! -e $(VENV) ] || echo "$(VENV) was built with $$($(BIN)/python -V 2>&1 || echo another Python):" \
+	      "rebuilding it with $(PYTHON) (Python $(word 2,$(PY_ID)))"; \
 	    rm -rf $(VENV) && mkdir -p $(VENV) && echo "$(PY_ID)" > $@; \
 	  fi; \
 	fi
+
+FORCE:
 
 $(VENV)/.installed: $(VENV)/.python requirements.txt requirements-dev.txt $(LOCK)
 	@echo "Installing the requirements into $(VENV) with $(PYTHON) (Python $(word 2,$(PY_ID))) and $(LOCK) ..."

@@ -97,6 +97,11 @@ class StandInProcess:
 
 
 @contextlib.contextmanager
+def api_time(value: str) -> datetime:
+    """Parse a REST API timestamp; Python 3.10's fromisoformat does not take the trailing ``Z``."""
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
 def warehouse_db() -> Iterator[tuple[str, str]]:
     name = f"blueshift_bench_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
@@ -153,8 +158,8 @@ def trigger(stack: AirflowStack, window_day: str, conf: dict[str, Any] | None = 
 
 
 def run_seconds(run: dict[str, Any]) -> float:
-    start = datetime.fromisoformat(run["start_date"])
-    end = datetime.fromisoformat(run["end_date"])
+    start = api_time(run["start_date"])
+    end = api_time(run["end_date"])
     return (end - start).total_seconds()
 
 
@@ -514,7 +519,7 @@ def task_seconds(tasks: list[dict[str, Any]]) -> dict[str, float]:
     for ti in tasks:
         if ti.get("start_date") and ti.get("end_date"):
             span = spans.setdefault(ti["task_id"], [])
-            span += [datetime.fromisoformat(ti["start_date"]), datetime.fromisoformat(ti["end_date"])]
+            span += [api_time(ti["start_date"]), api_time(ti["end_date"])]
     return {task: round((max(s) - min(s)).total_seconds(), 1) for task, s in spans.items()}
 
 
