@@ -17,7 +17,9 @@ from sqlalchemy import event
 from blueshift.outcomes import redact
 
 if TYPE_CHECKING:
-    from sqlalchemy.engine import Engine, ExceptionContext
+    from collections.abc import Callable
+
+    from sqlalchemy.engine import Engine, ExceptionContext, Inspector
 
 
 class RedactedDatabaseError(Exception):
@@ -61,3 +63,21 @@ def safe_engine(hook: Any, **engine_kwargs: Any) -> Engine:
     engine: Engine = hook.get_sqlalchemy_engine(engine_kwargs={"hide_parameters": True, **engine_kwargs})
     event.listen(engine, "handle_error", _replace_driver_error)
     return engine
+
+
+def create_tolerating_race(engine: Engine, ddl: str, created: Callable[[Inspector], bool]) -> None:
+    """Run a ``CREATE ... IF NOT EXISTS``, tolerating another task creating it at the same moment.
+
+    PostgreSQL's ``IF NOT EXISTS`` is not safe under concurrency: the loser of the race gets a
+    unique violation on ``pg_type`` or ``pg_class``; the object exists then (``created`` says so),
+    which is all we need. Any other failure is raised.
+    """
+    from sqlalchemy import inspect, text
+    from sqlalchemy.exc import DBAPIError
+
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(ddl))
+    except DBAPIError:
+        if not created(inspect(engine)):
+            raise

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import DateTime, Integer, String, bindparam, text
 
 from blueshift.connections import STATE_EXAMPLE, get_connection, sql_hook
-from blueshift.engines import safe_engine
+from blueshift.engines import create_tolerating_race, safe_engine
 from blueshift.exceptions import BlueshiftConfigError
 from blueshift.outcomes import Status
 from blueshift.settings import validate_identifier
@@ -93,21 +93,7 @@ class StateStore:
 
     # Tables ---------------------------------------------------------------------------------------
     def _create(self, ddl: str, created: Callable[[Inspector], bool]) -> None:
-        """Run a ``CREATE ... IF NOT EXISTS``, tolerating another task creating it at the same moment.
-
-        PostgreSQL's ``IF NOT EXISTS`` is not safe under concurrency: the loser of the race gets a
-        unique violation on ``pg_type`` or ``pg_class``; the object exists then (``created`` says
-        so), which is all we need.
-        """
-        from sqlalchemy import inspect
-        from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
-
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(text(ddl))
-        except (IntegrityError, ProgrammingError, OperationalError):
-            if not created(inspect(self.engine)):
-                raise
+        create_tolerating_race(self.engine, ddl, created)
 
     def _create_table(self, table: str, ddl: str) -> None:
         schema, _, name = table.rpartition(".")

@@ -21,7 +21,7 @@ from sqlalchemy import DateTime, Integer, String, bindparam, text
 
 import blueshift.dialects as dialects
 from blueshift.connections import WAREHOUSE_EXAMPLE, get_connection, sql_hook
-from blueshift.engines import safe_engine
+from blueshift.engines import create_tolerating_race, safe_engine
 from blueshift.exceptions import BlueshiftConfigError
 from blueshift.outcomes import Status
 from blueshift.settings import validate_identifier
@@ -67,17 +67,14 @@ class Warehouse:
 
     def ensure_audit_table(self) -> None:
         """Create the audit table if it does not exist; an older one without a newer column fails clearly."""
-        from sqlalchemy import inspect
         from sqlalchemy.exc import DBAPIError
 
         schema, _, name = self.audit_table.rpartition(".")
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(text(dialects.create_audit_table(self.dialect, self.audit_table)))
-        except DBAPIError:
-            # Two runs creating it at the same moment (PostgreSQL's IF NOT EXISTS is not atomic).
-            if not inspect(self.engine).has_table(name, schema=schema or None):
-                raise
+        create_tolerating_race(
+            self.engine,
+            dialects.create_audit_table(self.dialect, self.audit_table),
+            lambda inspector: inspector.has_table(name, schema=schema or None),
+        )
         columns = ", ".join(dialects.AUDIT_COLUMNS)
         try:
             with self.engine.connect() as conn:
