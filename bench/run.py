@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -45,55 +44,18 @@ from typing import Any
 
 import psutil
 import psycopg
-import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "plugins"))
 
-from tests.e2e.airflow_stack import PG_ADMIN_DSN, AirflowStack, free_port  # noqa: E402
+from sandbox.airflow_stack import PG_ADMIN_DSN, AirflowStack  # noqa: E402
+from sandbox.blueshift_standin import StandInProcess  # noqa: E402
+from sandbox.demo_warehouse import SOURCE_DDL  # noqa: E402
 
 DAG_ID = "blueshift_start_tracking"
 ENDPOINT = "/api/v1/customers/unforget"
 API_KEY = "bench-key-" + uuid.uuid4().hex[:8]
-
-
-class StandInProcess:
-    """The stand-in in its own process, driven over HTTP."""
-
-    def __init__(self, *args: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                str(ROOT / "sandbox" / "blueshift_standin.py"),
-                "--port",
-                str(self.port),
-                "--api-key",
-                API_KEY,
-                *args,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(self.url + "/_sandbox/state", timeout=2).ok:
-                    return
-            time.sleep(0.2)
-        raise RuntimeError("the stand-in did not start")
-
-    def state(self) -> dict[str, Any]:
-        return dict(requests.get(self.url + "/_sandbox/state", timeout=120).json())
-
-    def reset(self) -> None:
-        requests.post(self.url + "/_sandbox/reset", timeout=10).raise_for_status()
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=10)
 
 
 @contextlib.contextmanager
@@ -120,10 +82,7 @@ def warehouse_db() -> Iterator[tuple[str, str]]:
 def seed(dsn: str, days: dict[str, int]) -> None:
     """Insert ``count`` users per day with COPY (fast enough for millions)."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(
-            "CREATE TABLE IF NOT EXISTS reconsented_users "
-            "(customer_id TEXT NULL, email TEXT NULL, consented_at TIMESTAMP NOT NULL)"
-        )
+        conn.execute(SOURCE_DDL)
         for day, count in days.items():
             buffer = io.StringIO()
             for n in range(count):
@@ -174,7 +133,7 @@ def median(values: list[float]) -> float:
 
 # ---------------------------------------------------------------------------------------------
 def case_budget(runs: int, users: int = 20_000) -> dict[str, Any]:
-    standin = StandInProcess("--rate-limit", "50", "--latency-ms", "100")
+    standin = StandInProcess(API_KEY, "--rate-limit", "50", "--latency-ms", "100")
     days = [f"2026-11-{10 + i:02d}" for i in range(runs)]
     results = []
     with warehouse_db() as (conn_json, dsn):
@@ -338,7 +297,7 @@ def print_comparison(name: str, index: int, result: dict[str, Any]) -> None:
 
 def case_speed(runs: int, users: int = 100_000, sample: int = 2_000, name: str = "speed") -> dict[str, Any]:
     latency_ms, rate_limit, pool_slots, in_flight = 20, 10_000, 4, 48
-    standin = StandInProcess("--latency-ms", str(latency_ms))
+    standin = StandInProcess(API_KEY, "--latency-ms", str(latency_ms))
     days = [f"2026-11-{10 + i:02d}" for i in range(runs)]
     results = []
     with warehouse_db() as (conn_json, dsn):
@@ -422,7 +381,7 @@ def case_compare(runs: int, users: int = 5_000, sample: int = 500) -> dict[str, 
 def case_backfill(runs: int, users_per_day: int = 3_000) -> dict[str, Any]:
     results = []
     for index in range(runs):
-        standin = StandInProcess("--rate-limit", "50", "--latency-ms", "100")
+        standin = StandInProcess(API_KEY, "--rate-limit", "50", "--latency-ms", "100")
         days = ["2026-11-20", "2026-11-21", "2026-11-22"]
         with warehouse_db() as (conn_json, dsn):
             seed(dsn, dict.fromkeys(days, users_per_day))
@@ -524,7 +483,7 @@ def task_seconds(tasks: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def case_scale(runs: int, sizes: tuple[int, ...] = (100_000, 1_000_000)) -> dict[str, Any]:
-    standin = StandInProcess()
+    standin = StandInProcess(API_KEY)
     results: dict[int, list[dict[str, Any]]] = {size: [] for size in sizes}
     with warehouse_db() as (conn_json, dsn):
         # One window per run and size: a manual run's logical date can be used only once.

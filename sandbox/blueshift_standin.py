@@ -21,14 +21,18 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import random
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 ENDPOINT = "/api/v1/customers/unforget"
@@ -304,6 +308,59 @@ class StandIn:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class StandInProcess:
+    """The stand-in in a process of its own (so that its CPU is not the caller's), driven over HTTP.
+
+    ``args`` are command-line options of this module, e.g. ``"--rate-limit", "50"``.
+    """
+
+    def __init__(self, api_key: str, *args: str) -> None:
+        import requests
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--port",
+            str(self.port),
+            "--api-key",
+            api_key,
+        ]
+        self.process = subprocess.Popen(
+            [*command, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(self.url + "/_sandbox/state", timeout=2).ok:
+                    return
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("the stand-in did not start")
+
+    def state(self) -> dict[str, Any]:
+        import requests
+
+        return dict(requests.get(self.url + "/_sandbox/state", timeout=120).json())
+
+    def reset(self) -> None:
+        import requests
+
+        requests.post(self.url + "/_sandbox/reset", timeout=10).raise_for_status()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,15 +8,33 @@ from __future__ import annotations
 
 import argparse
 import sqlite3
+from collections.abc import Iterable
 from datetime import date, datetime, timedelta
+from typing import Any
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS reconsented_users (
-    customer_id TEXT NULL,
-    email TEXT NULL,
-    consented_at TIMESTAMP NOT NULL
+SOURCE_DDL = (
+    "CREATE TABLE IF NOT EXISTS reconsented_users "
+    "(customer_id TEXT NULL, email TEXT NULL, consented_at TIMESTAMP NOT NULL)"
 )
-"""
+"""The source the default extract query reads (``consented_at`` in UTC): the one definition the demo,
+the tests and the benchmarks create it from, in any of the engines they run (SQLite, PostgreSQL,
+MariaDB, DuckDB)."""
+
+
+def seed_source(url: str, rows: Iterable[tuple[Any, Any, str]]) -> None:
+    """Create ``reconsented_users`` at the SQLAlchemy ``url`` and insert ``(customer_id, email,
+    consented_at)`` rows."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(SOURCE_DDL))
+        conn.execute(
+            sa.text("INSERT INTO reconsented_users VALUES (:customer_id, :email, :consented_at)"),
+            [{"customer_id": c, "email": e, "consented_at": t} for c, e, t in rows],
+        )
+    engine.dispose()
+
 
 DIRTY = [
     ("  CUST-CLEAN-1 ", "  Mixed.Case@Example.COM "),  # trimmed and lower-cased, then valid
@@ -37,7 +55,7 @@ DIRTY = [
 def seed(path: str, day: date, users: int) -> None:
     start = datetime(day.year, day.month, day.day)
     with sqlite3.connect(path) as conn:
-        conn.execute(SCHEMA)
+        conn.execute(SOURCE_DDL)
         conn.execute("DELETE FROM reconsented_users")
         rows: list[tuple[str | None, str | None, str]] = [
             (

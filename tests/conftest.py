@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 
+# The PostgreSQL server the tests create their databases on (an admin DSN, BLUESHIFT_TEST_PG): read
+# at this import, before the ``BLUESHIFT_*`` variables of the developer's shell are cleared below.
+from sandbox.airflow_stack import PG_ADMIN_DSN as PG_DSN
+
 ROOT = Path(__file__).resolve().parent.parent
-PG_DSN = os.environ.get("BLUESHIFT_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
-"""The PostgreSQL server the tests create their databases on (an admin DSN); read before the
-``BLUESHIFT_*`` variables of the developer's shell are cleared below."""
 AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="blueshift-tests-airflow-"))
 os.environ.update(
     {
@@ -90,15 +91,6 @@ def _sqlite_warehouse(tmp_path: Path) -> WarehouseDb:
 @pytest.fixture
 def sqlite_warehouse(tmp_path: Path) -> WarehouseDb:
     return _sqlite_warehouse(tmp_path)
-
-
-def free_loopback_port() -> int:
-    """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def pg_url(database: str) -> str:

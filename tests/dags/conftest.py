@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,23 +26,6 @@ FAST_SETTINGS = {
     "BLUESHIFT_TASK_RETRIES": "0",
     "BLUESHIFT_RETRY_DELAY_SECONDS": "0",
 }
-
-
-def seed_source(url: str, rows: Iterable[tuple[Any, Any, str]]) -> None:
-    """Create ``reconsented_users`` and insert ``(customer_id, email, consented_at)`` rows."""
-    engine = sa.create_engine(url)
-    with engine.begin() as conn:
-        conn.execute(
-            sa.text(
-                "CREATE TABLE IF NOT EXISTS reconsented_users "
-                "(customer_id TEXT NULL, email TEXT NULL, consented_at TIMESTAMP NOT NULL)"
-            )
-        )
-        conn.execute(
-            sa.text("INSERT INTO reconsented_users VALUES (:customer_id, :email, :consented_at)"),
-            [{"customer_id": c, "email": e, "consented_at": t} for c, e, t in rows],
-        )
-    engine.dispose()
 
 
 def audit_rows(url: str) -> list[dict[str, Any]]:

@@ -9,8 +9,9 @@ from datetime import datetime
 
 import pytest
 
+from sandbox.demo_warehouse import seed_source
 from tests.conftest import API_KEY, FIGURES
-from tests.dags.conftest import FAST_SETTINGS, audit_rows, seed_source, users_of_day
+from tests.dags.conftest import FAST_SETTINGS, audit_rows, users_of_day
 
 DIRTY = [
     ("  CUST-TRIM ", "  Mixed.Case@Example.COM "),

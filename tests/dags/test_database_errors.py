@@ -14,7 +14,8 @@ from datetime import datetime
 import pytest
 import sqlalchemy as sa
 
-from tests.dags.conftest import seed_source, users_of_day
+from sandbox.demo_warehouse import seed_source
+from tests.dags.conftest import users_of_day
 
 # The pipeline's staging table with one extra rule that every real email breaks.
 STAGING_THAT_REFUSES_EMAILS = """

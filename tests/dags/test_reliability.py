@@ -18,8 +18,9 @@ import pytest
 import sqlalchemy as sa
 
 from blueshift.pacing import AdaptiveRateLimiter, CircuitBreaker
+from sandbox.demo_warehouse import seed_source
 from tests.conftest import API_KEY, FIGURES
-from tests.dags.conftest import DAG_ID, audit_rows, seed_source, users_of_day
+from tests.dags.conftest import DAG_ID, audit_rows, users_of_day
 
 USERS = 60
 MAX_ATTEMPTS = 12

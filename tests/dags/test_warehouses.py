@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from tests.dags.conftest import audit_rows, seed_source, users_of_day
+from sandbox.demo_warehouse import seed_source
+from tests.dags.conftest import audit_rows, users_of_day
 from tests.dags.test_dag_runs import DIRTY
 
 ENGINES = ["sqlite", "postgres", "mariadb", "duckdb"]

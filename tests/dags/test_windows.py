@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 from blueshift.pipeline import read_extract_sql
 from blueshift.settings import DEFAULT_EXTRACT_SQL
 from blueshift.warehouse import Warehouse
-from tests.dags.conftest import seed_source
+from sandbox.demo_warehouse import seed_source
 
 
 def test_midnight_belongs_to_its_own_day(warehouse_db, monkeypatch):

@@ -14,9 +14,10 @@ from datetime import date, datetime, timedelta, timezone
 
 import pytest
 
+from sandbox.airflow_stack import AirflowStack
+from sandbox.demo_warehouse import seed_source
 from tests.conftest import API_KEY, FIGURES
-from tests.dags.conftest import audit_rows, seed_source, users_of_day
-from tests.e2e.airflow_stack import AirflowStack
+from tests.dags.conftest import audit_rows, users_of_day
 
 DAG_ID = "blueshift_start_tracking"
 PER_DAY = 30

@@ -9,7 +9,7 @@ import sqlalchemy as sa
 
 from blueshift.pipeline import audit_run, extract_and_stage
 from blueshift.settings import Settings
-from tests.dags.conftest import seed_source
+from sandbox.demo_warehouse import seed_source
 
 DAG_ID = "blueshift_start_tracking"
 

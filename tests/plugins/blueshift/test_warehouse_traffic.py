@@ -21,8 +21,9 @@ from sqlalchemy.engine import Engine
 from blueshift.operators import BlueshiftStartTrackingOperator
 from blueshift.pipeline import audit_run, extract_and_stage
 from blueshift.settings import Settings
+from sandbox.demo_warehouse import seed_source
 from tests.conftest import API_KEY, FIGURES
-from tests.dags.conftest import seed_source, users_of_day
+from tests.dags.conftest import users_of_day
 
 DAG_ID = "blueshift_start_tracking"
 WINDOW = (datetime(2026, 11, 24, tzinfo=timezone.utc), datetime(2026, 11, 25, tzinfo=timezone.utc))

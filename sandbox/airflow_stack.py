@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,15 +21,11 @@ from typing import Any
 
 import requests
 
-ROOT = Path(__file__).resolve().parents[2]
+from sandbox.blueshift_standin import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
 PG_ADMIN_DSN = os.environ.get("BLUESHIFT_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 ADMIN_PASSWORD = "admin-e2e-password"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class AirflowStack:
