@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import itertools
 import json
 import os
 import platform
@@ -38,12 +39,14 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import psutil
 import psycopg
+import sqlalchemy as sa
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -51,44 +54,113 @@ sys.path.insert(0, str(ROOT / "plugins"))
 
 from sandbox.airflow_stack import PG_ADMIN_DSN, AirflowStack  # noqa: E402
 from sandbox.blueshift_standin import StandInProcess  # noqa: E402
-from sandbox.demo_warehouse import SOURCE_DDL  # noqa: E402
+from sandbox.demo_warehouse import SOURCE_DDL, seed_source  # noqa: E402
 
 DAG_ID = "blueshift_start_tracking"
 ENDPOINT = "/api/v1/customers/unforget"
 API_KEY = "bench-key-" + uuid.uuid4().hex[:8]
 
 
-@contextlib.contextmanager
 def api_time(value: str) -> datetime:
     """Parse a REST API timestamp; Python 3.10's fromisoformat does not take the trailing ``Z``."""
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
-def warehouse_db() -> Iterator[tuple[str, str]]:
-    name = f"blueshift_bench_{uuid.uuid4().hex[:8]}"
+WAREHOUSES = ("postgres", "mariadb")
+WAREHOUSE = "postgres"
+"""Where the benchmarks keep the customers and the audit (``--warehouse``). ``postgres``: one PostgreSQL
+database is warehouse and state store. ``mariadb``: the warehouse is a MariaDB database (the
+``BLUESHIFT_TEST_MARIADB`` server) and the working state lives apart, in a PostgreSQL database named by
+the connection ``blueshift_state``, the layout a cloud warehouse needs."""
+MARIADB_ADMIN_URL = os.environ.get("BLUESHIFT_TEST_MARIADB", "mysql+pymysql://root@127.0.0.1:3306/test")
+
+
+@dataclass
+class BenchWarehouse:
+    """A throw-away warehouse: the Airflow connections the stack needs and a SQLAlchemy URL."""
+
+    connections: dict[str, str]
+    url: str
+
+
+@contextlib.contextmanager
+def _postgres_database(prefix: str) -> Iterator[tuple[str, str]]:
+    """Create a PostgreSQL database; yield its Airflow connection JSON and its DSN; drop it after."""
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
     conn_json = json.dumps(
         {"conn_type": "postgres", "host": "127.0.0.1", "port": 5432, "login": "postgres", "schema": name}
     )
-    dsn = PG_ADMIN_DSN.rsplit("/", 1)[0] + f"/{name}"
     try:
-        yield conn_json, dsn
+        yield conn_json, PG_ADMIN_DSN.rsplit("/", 1)[0] + f"/{name}"
     finally:
         with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def seed(dsn: str, days: dict[str, int]) -> None:
-    """Insert ``count`` users per day with COPY (fast enough for millions)."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
+@contextlib.contextmanager
+def _mariadb_database() -> Iterator[BenchWarehouse]:
+    name = f"blueshift_bench_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(MARIADB_ADMIN_URL)
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE {name} CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
+    url = sa.engine.make_url(MARIADB_ADMIN_URL).set(database=name)
+    conn_json = json.dumps(
+        {
+            "conn_type": "mysql",
+            "host": url.host or "127.0.0.1",
+            "port": url.port or 3306,
+            "login": url.username or "root",
+            "password": url.password or "",
+            "schema": name,
+            "extra": {"charset": "utf8mb4"},
+        }
+    )
+    try:
+        with _postgres_database("blueshift_bench_state") as (state_json, _):
+            connections = {
+                "AIRFLOW_CONN_WAREHOUSE_DEFAULT": conn_json,
+                "AIRFLOW_CONN_BLUESHIFT_STATE": state_json,
+            }
+            yield BenchWarehouse(connections, url.render_as_string(hide_password=False))
+    finally:
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}")
+        admin.dispose()
+
+
+@contextlib.contextmanager
+def warehouse_db() -> Iterator[BenchWarehouse]:
+    """The warehouse of ``WAREHOUSE``, created for one case and dropped after it."""
+    if WAREHOUSE == "mariadb":
+        with _mariadb_database() as warehouse:
+            yield warehouse
+        return
+    with _postgres_database("blueshift_bench") as (conn_json, dsn):
+        yield BenchWarehouse({"AIRFLOW_CONN_WAREHOUSE_DEFAULT": conn_json}, dsn)
+
+
+def _seed_rows(day: str, count: int) -> Iterator[tuple[str, str, str]]:
+    for n in range(count):
+        second = n * 86_399 // max(count, 1)
+        clock = f"{second // 3600:02d}:{second // 60 % 60:02d}:{second % 60:02d}"
+        yield f"B-{day}-{n}", f"b{n}.{day}@example.com", f"{day} {clock}"
+
+
+def seed(warehouse: BenchWarehouse, days: dict[str, int]) -> None:
+    """Insert ``count`` users per day: COPY on PostgreSQL (fast enough for millions), else batches."""
+    if WAREHOUSE != "postgres":
+        for day, count in days.items():
+            rows = _seed_rows(day, count)
+            while batch := list(itertools.islice(rows, 50_000)):
+                seed_source(warehouse.url, batch)
+        return
+    with psycopg.connect(warehouse.url, autocommit=True) as conn:
         conn.execute(SOURCE_DDL)
         for day, count in days.items():
             buffer = io.StringIO()
-            for n in range(count):
-                second = n * 86_399 // max(count, 1)
-                clock = f"{second // 3600:02d}:{second // 60 % 60:02d}:{second % 60:02d}"
-                buffer.write(f"B-{day}-{n}\tb{n}.{day}@example.com\t{day} {clock}\n")
+            buffer.writelines("\t".join(row) + "\n" for row in _seed_rows(day, count))
             buffer.seek(0)
             with conn.cursor().copy(
                 "COPY reconsented_users (customer_id, email, consented_at) FROM STDIN"
@@ -96,9 +168,10 @@ def seed(dsn: str, days: dict[str, int]) -> None:
                 copy.write(buffer.read())
 
 
-def make_stack(conn_json: str, standin: StandInProcess, **settings: str) -> AirflowStack:
+def make_stack(warehouse: BenchWarehouse, standin: StandInProcess, **settings: str) -> AirflowStack:
+    """A fresh Airflow with only the connections: no pool (the DAG needs none)."""
     env = {
-        "AIRFLOW_CONN_WAREHOUSE_DEFAULT": conn_json,
+        **warehouse.connections,
         "AIRFLOW_CONN_BLUESHIFT_DEFAULT": json.dumps(
             {"conn_type": "http", "host": standin.url, "login": API_KEY}
         ),
@@ -106,7 +179,7 @@ def make_stack(conn_json: str, standin: StandInProcess, **settings: str) -> Airf
         "BLUESHIFT_RETRY_DELAY_SECONDS": "1",
         **settings,
     }
-    return AirflowStack(env, pool_slots=int(settings.get("BLUESHIFT_POOL_SLOTS", "4")), parallelism=8)
+    return AirflowStack(env, parallelism=8)
 
 
 def trigger(stack: AirflowStack, window_day: str, conf: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -136,9 +209,9 @@ def case_budget(runs: int, users: int = 20_000) -> dict[str, Any]:
     standin = StandInProcess(API_KEY, "--rate-limit", "50", "--latency-ms", "100")
     days = [f"2026-11-{10 + i:02d}" for i in range(runs)]
     results = []
-    with warehouse_db() as (conn_json, dsn):
-        seed(dsn, dict.fromkeys(days, users))
-        stack = make_stack(conn_json, standin, BLUESHIFT_RATE_LIMIT="50", BLUESHIFT_POOL_SLOTS="4")
+    with warehouse_db() as warehouse:
+        seed(warehouse, dict.fromkeys(days, users))
+        stack = make_stack(warehouse, standin, BLUESHIFT_RATE_LIMIT="50", BLUESHIFT_MAX_ACTIVE_CHUNKS="4")
         try:
             stack.start()
             stack.wait_for_dag(DAG_ID)
@@ -175,15 +248,19 @@ def case_budget(runs: int, users: int = 20_000) -> dict[str, Any]:
     }
 
 
-def window_users(dsn: str, window_day: str) -> list[dict[str, str]]:
+def window_users(url: str, window_day: str) -> list[dict[str, str]]:
     """The window's users as the pipeline sends them (the seeded rows are already normalized)."""
     start = datetime.fromisoformat(window_day)
-    with psycopg.connect(dsn) as conn:
+    engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
+    with engine.connect() as conn:
         rows = conn.execute(
-            "SELECT customer_id, email FROM reconsented_users "
-            "WHERE consented_at >= %s AND consented_at < %s ORDER BY consented_at",
-            (start, start + timedelta(days=1)),
-        ).fetchall()
+            sa.text(
+                "SELECT customer_id, email FROM reconsented_users "
+                "WHERE consented_at >= :start AND consented_at < :end ORDER BY consented_at"
+            ),
+            {"start": start, "end": start + timedelta(days=1)},
+        ).all()
+    engine.dispose()
     return [
         {name: value for name, value in (("customer_id", customer_id), ("email", email)) if value}
         for customer_id, email in rows
@@ -300,13 +377,13 @@ def case_speed(runs: int, users: int = 100_000, sample: int = 2_000, name: str =
     standin = StandInProcess(API_KEY, "--latency-ms", str(latency_ms))
     days = [f"2026-11-{10 + i:02d}" for i in range(runs)]
     results = []
-    with warehouse_db() as (conn_json, dsn):
-        seed(dsn, dict.fromkeys(days, users))
+    with warehouse_db() as warehouse:
+        seed(warehouse, dict.fromkeys(days, users))
         stack = make_stack(
-            conn_json,
+            warehouse,
             standin,
             BLUESHIFT_RATE_LIMIT=str(rate_limit),
-            BLUESHIFT_POOL_SLOTS=str(pool_slots),
+            BLUESHIFT_MAX_ACTIVE_CHUNKS=str(pool_slots),
             BLUESHIFT_MAX_IN_FLIGHT=str(in_flight),
         )
         try:
@@ -318,7 +395,7 @@ def case_speed(runs: int, users: int = 100_000, sample: int = 2_000, name: str =
                 run = trigger(stack, day, {"chunk_size": 10_000})
                 state = standin.state()
                 read_started = time.perf_counter()
-                payloads = window_users(dsn, day)
+                payloads = window_users(warehouse.url, day)
                 read_seconds = time.perf_counter() - read_started
                 pipeline = {
                     **side_figures(users, run_seconds(run), state),
@@ -383,9 +460,9 @@ def case_backfill(runs: int, users_per_day: int = 3_000) -> dict[str, Any]:
     for index in range(runs):
         standin = StandInProcess(API_KEY, "--rate-limit", "50", "--latency-ms", "100")
         days = ["2026-11-20", "2026-11-21", "2026-11-22"]
-        with warehouse_db() as (conn_json, dsn):
-            seed(dsn, dict.fromkeys(days, users_per_day))
-            stack = make_stack(conn_json, standin, BLUESHIFT_RATE_LIMIT="50", BLUESHIFT_POOL_SLOTS="4")
+        with warehouse_db() as warehouse:
+            seed(warehouse, dict.fromkeys(days, users_per_day))
+            stack = make_stack(warehouse, standin, BLUESHIFT_RATE_LIMIT="50", BLUESHIFT_MAX_ACTIVE_CHUNKS="4")
             try:
                 stack.start()
                 stack.wait_for_dag(DAG_ID)
@@ -485,14 +562,14 @@ def task_seconds(tasks: list[dict[str, Any]]) -> dict[str, float]:
 def case_scale(runs: int, sizes: tuple[int, ...] = (100_000, 1_000_000)) -> dict[str, Any]:
     standin = StandInProcess(API_KEY)
     results: dict[int, list[dict[str, Any]]] = {size: [] for size in sizes}
-    with warehouse_db() as (conn_json, dsn):
+    with warehouse_db() as warehouse:
         # One window per run and size: a manual run's logical date can be used only once.
         plan = [
             [(f"2026-10-{10 + run * len(sizes) + i:02d}", size) for i, size in enumerate(sizes)]
             for run in range(runs)
         ]
-        seed(dsn, {day: size for windows in plan for day, size in windows})
-        stack = make_stack(conn_json, standin, BLUESHIFT_POOL_SLOTS="4")
+        seed(warehouse, {day: size for windows in plan for day, size in windows})
+        stack = make_stack(warehouse, standin, BLUESHIFT_MAX_ACTIVE_CHUNKS="4")
         try:
             stack.start()
             stack.wait_for_dag(DAG_ID)
@@ -553,15 +630,26 @@ def main() -> None:
         help="comma-separated: " + ", ".join(CASES) + " (all but compare by default)",
     )
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--warehouse",
+        choices=WAREHOUSES,
+        default="postgres",
+        help="postgres: warehouse and state store in one PostgreSQL database; mariadb: the warehouse "
+        "on MariaDB and the state store apart on PostgreSQL (blueshift_state)",
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1/50 of the users, one run")
     parser.add_argument("--out", default=str(ROOT / ".bench" / "results.json"))
     args = parser.parse_args()
+    global WAREHOUSE
+    WAREHOUSE = args.warehouse
     machine = {
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "cpus": os.cpu_count(),
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "warehouse": WAREHOUSE,
+        "state_store": "postgres (blueshift_state)" if WAREHOUSE != "postgres" else "the warehouse",
     }
     print("machine:", json.dumps(machine), flush=True)
     report: dict[str, Any] = {"machine": machine}
