@@ -14,6 +14,10 @@ Re-runs and backfills of a window send only customers not yet `succeeded` for it
 re-sends them). Scheduled runs also retry customers left `failed` by earlier windows of the last
 `BLUESHIFT_CARRY_OVER_DAYS` days. Failures alert through `BLUESHIFT_ALERT_NOTIFIER`.
 
+A successful `audit` updates the Asset named after the audit table, its event carrying the run's
+per-status counts (the run's *Asset Events* tab; downstream DAGs can be scheduled on it); the counts
+are also `audit`'s XCom. Metrics `blueshift.*` go through Airflow's StatsD or OpenTelemetry channel.
+
 Params: `dry_run` (validate, chunk and audit without sending), `force`, `chunk_size` (customers per
 mapped task). Settings: `BLUESHIFT_*` environment variables; see the project README.
 """
@@ -27,10 +31,12 @@ from airflow.sdk import CronDataIntervalTimetable, Param, TriggerRule, dag, get_
 
 from blueshift.alerts import notify_failure, notify_run_failure
 from blueshift.exceptions import BlueshiftConfigError, BlueshiftRunIncompleteError
+from blueshift.lineage import audit_asset
 from blueshift.operators import BlueshiftStartTrackingOperator
 from blueshift.settings import Settings
 
 SETTINGS = Settings.from_env()
+AUDIT_ASSET = audit_asset(SETTINGS)
 
 
 @dag(
@@ -141,12 +147,19 @@ def blueshift_start_tracking() -> None:
         trigger_rule=TriggerRule.ALL_DONE,
         show_return_value_in_logs=False,
         on_failure_callback=notify_failure,
+        outlets=[AUDIT_ASSET],
         doc_md="Upserts every customer's outcome into the audit table and fails the run if any "
-        "customer ended failed or a chunk task did not finish; alerts on failure.",
+        "customer ended failed or a chunk task did not finish; alerts on failure. On success it "
+        "updates the audit table's asset, with the run's counts as the event's extra.",
     )
     def audit(results: Any) -> dict[str, Any]:
-        """Write every user's outcome to the audit table; fail the run if any user is left failed."""
-        from blueshift.pipeline import audit_run, finished_chunks, raise_if_incomplete
+        """Write every user's outcome to the audit table; fail the run if any user is left failed.
+
+        Returns the run's window and per-status counts (its XCom), which also go to the audit
+        table's asset event, and the metrics ``blueshift.run.*``.
+        """
+        from blueshift.metrics import publish_run
+        from blueshift.pipeline import audit_run, finished_chunks, raise_if_incomplete, run_counts
 
         context = get_current_context()
         prepared = context["ti"].xcom_pull(task_ids="extract_and_validate", key="summary")
@@ -163,8 +176,12 @@ def blueshift_start_tracking() -> None:
             finished_chunks=finished_chunks(results, prepared.get("plan")),
         )
         context["ti"].xcom_push(key="summary", value=summary)
+        publish_run(summary)
         raise_if_incomplete(summary, SETTINGS)
-        return summary
+        counts = run_counts(summary)
+        # Shown in the run's "Asset Events" tab, and handed to the DAGs scheduled on the audit table.
+        context["outlet_events"][AUDIT_ASSET].extra = counts
+        return counts
 
     # audit also reads extract_and_validate's summary (the XCom pull above): hence this edge.
     chunks >> audit(sent.output)

@@ -11,25 +11,18 @@ from airflow.sdk import BaseOperator
 
 from blueshift.budget import SharedBudget, lease_holder
 from blueshift.connections import state_conn_id_for
-from blueshift.exceptions import BlueshiftAuthError, BlueshiftChunkIncompleteError, BlueshiftConfigError
+from blueshift.exceptions import BlueshiftAuthError, BlueshiftChunkIncompleteError
 from blueshift.hooks import BlueshiftHook
+from blueshift.lineage import chunk_lineage
+from blueshift.metrics import ChunkMetrics
 from blueshift.outcomes import Status
 from blueshift.pacing import AdaptiveRateLimiter
 from blueshift.sender import ChunkProgress, ChunkSender
-from blueshift.settings import DEFAULTS
+from blueshift.settings import DEFAULTS, Settings, as_bool
 from blueshift.state import StateStore
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
-
-
-def as_bool(value: object, name: str) -> bool:
-    """Return a param value as a bool; text such as ``"true"``/``"false"`` is accepted."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in {"true", "false", "1", "0", "yes", "no"}:
-        return value.strip().lower() in {"true", "1", "yes"}
-    raise BlueshiftConfigError(f"Param {name!r} must be true or false, got {value!r}")
 
 
 class BlueshiftStartTrackingOperator(BaseOperator):
@@ -114,7 +107,9 @@ class BlueshiftStartTrackingOperator(BaseOperator):
         if dry_run:
             marked = store.mark_chunk(dag_id, run_id, *buckets, Status.DRY_RUN.value)
             self.log.info("Chunk %s: dry run, %d users marked dry_run, nothing sent", chunk_id, marked)
-            return self._summary(ChunkProgress(marked, done=marked, by_status={Status.DRY_RUN.value: marked}))
+            progress = ChunkProgress(marked, done=marked, by_status={Status.DRY_RUN.value: marked})
+            ChunkMetrics().publish(progress, pace=None, circuit_opened=0)
+            return self._summary(progress)
         users = store.load_chunk(dag_id, run_id, *buckets)
         self.log.info("Chunk %s: %d users to send", chunk_id, len(users))
         if not users:
@@ -132,6 +127,7 @@ class BlueshiftStartTrackingOperator(BaseOperator):
                 backoff_cap_seconds=self.backoff_cap_seconds,
                 progress_interval=self.progress_interval,
                 log=self.log,
+                metrics=ChunkMetrics(),
             )
             progress = sender.send(users)
         self.log.info(
@@ -190,3 +186,7 @@ class BlueshiftStartTrackingOperator(BaseOperator):
     def _summary(self, progress: ChunkProgress) -> dict[str, Any]:
         """Return the task's result (its XCom): the chunk's counts, no customer data."""
         return {"chunk_id": str(self.chunk["chunk_id"]), "plan": self.chunk.get("plan"), **progress.counts()}
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        """Report the warehouse source as input and the audit table as output (OpenLineage provider)."""
+        return chunk_lineage(Settings.from_env(), self.warehouse_conn_id)

@@ -378,3 +378,22 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines += [f"{status.value:<11} {summary[status.value]:>9}" for status in AUDITED_STATUSES]
     lines.append(f"chunks      {summary['chunks']:>9}  ({summary['chunks_failed']} did not finish)")
     return "\n".join(lines)
+
+
+RUN_COUNT_NAMES = (
+    "window_start",
+    "window_end",
+    "users",
+    *(status.value for status in AUDITED_STATUSES),
+    "carried_over",
+    "already_succeeded",
+)
+"""What a run shows of itself (``audit``'s return value and its asset event's extra), in this order."""
+
+
+def run_counts(summary: dict[str, Any]) -> dict[str, Any]:
+    """Return the run's window and per-status counts from ``audit_run``'s summary: nothing else.
+
+    ``succeeded`` includes the users ``already_succeeded`` for the window (not re-sent).
+    """
+    return {name: summary.get(name, 0) for name in RUN_COUNT_NAMES}

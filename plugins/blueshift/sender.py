@@ -49,6 +49,12 @@ class Log(Protocol):
     def warning(self, event: Any, *args: Any) -> Any: ...
 
 
+class Metrics(Protocol):
+    """Where the counters go at each progress line (``blueshift.metrics.ChunkMetrics``)."""
+
+    def publish(self, progress: ChunkProgress, *, pace: float | None, circuit_opened: int) -> None: ...
+
+
 @dataclass
 class ChunkProgress:
     """Counters of one chunk, shared by the sending threads, and whether Blueshift refused the key."""
@@ -126,6 +132,7 @@ class ChunkSender:
     :param renew_every: the longest time between calls of ``renew``.
     :param progress_interval: seconds between progress lines in the log.
     :param log: where the progress lines and circuit warnings go.
+    :param metrics: receives the counters with every progress line (and the last one).
     """
 
     def __init__(
@@ -142,6 +149,7 @@ class ChunkSender:
         renew: Callable[[], None] = _nothing,
         renew_every: float = FLUSH_EVERY_SECONDS,
         log: Log | None = None,
+        metrics: Metrics | None = None,
         breaker: CircuitBreaker | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -156,6 +164,7 @@ class ChunkSender:
         self.renew = renew
         self.renew_every = renew_every
         self.log: Log = log or logging.getLogger(__name__)
+        self.metrics = metrics
         self.breaker = breaker or CircuitBreaker()
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._stop = threading.Event()
@@ -334,6 +343,8 @@ class ChunkSender:
             progress.throttled,
             progress.requests,
         )
+        if self.metrics is not None:
+            self.metrics.publish(progress, pace=self.limiter.rate, circuit_opened=self.breaker.opened)
 
 
 def _outcome(key: str, status: Status, http_status: int | None, attempts: int, error: str | None) -> Outcome:

@@ -31,6 +31,15 @@ def validate_identifier(value: str, setting: str) -> str:
     return value
 
 
+def as_bool(value: object, name: str) -> bool:
+    """Return a param value as a bool; text such as ``"true"``/``"false"`` is accepted."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in {"true", "false", "1", "0", "yes", "no"}:
+        return value.strip().lower() in {"true", "1", "yes"}
+    raise BlueshiftConfigError(f"Param {name!r} must be true or false, got {value!r}")
+
+
 def _positive_float(value: str) -> float:
     number = float(value)
     if not number > 0:
