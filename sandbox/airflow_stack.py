@@ -3,6 +3,7 @@
 LocalExecutor, PostgreSQL as the metadata DB (a database created for the stack and dropped after),
 a temporary AIRFLOW_HOME, and the simple auth manager with a known admin password. Every process
 is started in its own process group and stopped (TERM, then KILL) within a bounded time.
+``sandbox.celery_stack`` runs the same on the CeleryExecutor, with workers.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ ADMIN_PASSWORD = "admin-e2e-password"
 class AirflowStack:
     """Start and stop a whole local Airflow; talk to it over its REST API."""
 
+    SERVICES: tuple[str, ...] = ("api-server", "scheduler", "dag-processor")
+    """The ``airflow`` commands started (in this order) and stopped with the stack."""
+
     def __init__(self, env: dict[str, str], *, pool_slots: int | None = None, parallelism: int = 16) -> None:
         """Prepare a stack; ``pool_slots`` also creates the pool ``blueshift_api`` (the DAG needs none)."""
         self.home = Path(tempfile.mkdtemp(prefix="blueshift-e2e-airflow-"))
@@ -38,7 +42,6 @@ class AirflowStack:
         self.port = free_port()
         self.pool_slots = pool_slots
         self.url = f"http://127.0.0.1:{self.port}"
-        pg_base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
         bin_dir = str(Path(sys.executable).parent)
         self.env = {
             **os.environ,
@@ -51,7 +54,7 @@ class AirflowStack:
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
             "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
             "AIRFLOW__CORE__PARALLELISM": str(parallelism),
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"{pg_base}/{self.db_name}",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": self.metadata_db,
             "AIRFLOW__API__PORT": str(self.port),
             "AIRFLOW__API__HOST": "127.0.0.1",
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
@@ -61,6 +64,7 @@ class AirflowStack:
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
             "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
             "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+            **self._executor_env(),
             **env,
         }
         for name in list(self.env):
@@ -68,6 +72,16 @@ class AirflowStack:
                 del self.env[name]
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self._token: str | None = None
+
+    @property
+    def metadata_db(self) -> str:
+        """SQLAlchemy URL of the stack's metadata DB."""
+        pg_base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
+        return f"{pg_base}/{self.db_name}"
+
+    def _executor_env(self) -> dict[str, str]:
+        """Return the settings of the executor (here none: the LocalExecutor set above)."""
+        return {}
 
     def airflow(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         """Run one ``airflow`` CLI command against the stack's metadata DB."""
@@ -92,11 +106,8 @@ class AirflowStack:
             pool = self.airflow("pools", "set", "blueshift_api", str(self.pool_slots), "Blueshift API budget")
             if pool.returncode != 0:
                 raise RuntimeError("airflow pools set failed:\n" + pool.stderr[-2000:])
-        for name in ("api-server", "scheduler", "dag-processor"):
-            log = (self.home / f"{name}.log").open("wb")
-            self.processes[name] = subprocess.Popen(
-                ["airflow", name], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
+        for name in self.SERVICES:
+            self.start_process(name, [name])
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self._check_alive()
@@ -107,6 +118,40 @@ class AirflowStack:
         else:
             raise TimeoutError("the api-server did not answer in time:\n" + self.logs_tail())
         return self
+
+    def start_process(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
+        """Start ``airflow <args>`` as the process ``name``, in a process group of its own."""
+        with (self.home / f"{name}.log").open("ab") as log:
+            self.processes[name] = subprocess.Popen(
+                ["airflow", *args],
+                env={**self.env, **(env or {})},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def stop_process(
+        self, name: str, sig: signal.Signals, *, group: bool = True, timeout: float = 60
+    ) -> float:
+        """Send ``sig`` to the process ``name`` (and, with ``group``, every process it started), wait
+        until it exits (KILL after ``timeout``), forget it; return the seconds it took to exit."""
+        process = self.processes.pop(name)
+        started = time.monotonic()
+        with contextlib.suppress(ProcessLookupError):
+            if group:
+                os.killpg(process.pid, sig)
+            else:
+                os.kill(process.pid, sig)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+        # Whatever it started and left behind (a task process of a killed group) goes too.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        return time.monotonic() - started
 
     def _check_alive(self) -> None:
         for name, process in self.processes.items():
@@ -127,12 +172,12 @@ class AirflowStack:
                     os.killpg(process.pid, signal.SIGTERM)
         deadline = time.monotonic() + grace
         for process in self.processes.values():
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
+            # A group's leader may be gone while a task process it started still runs.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
         import psycopg
 
         with contextlib.suppress(Exception), psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:

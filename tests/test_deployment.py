@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -17,6 +18,9 @@ from typing import NamedTuple
 import jsonschema
 import pytest
 import yaml
+
+from sandbox.celery_stack import CeleryAirflowStack
+from sandbox.deployment import COMPOSE_PLACES, HOSTNAME_VARIABLE, airflow_environment, process_hostname
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -493,3 +497,99 @@ def test_init_stores_the_blueshift_key_where_the_fernet_key_encrypts_it(compose)
     script = compose["services"]["airflow-init"]["command"][-1]
     assert '"password": os.environ["BLUESHIFT_API_KEY"]' in script
     assert '"login": os.environ["BLUESHIFT_API_KEY"]' not in script
+
+
+# The Celery deployment's settings: one source (sandbox/deployment.py) for the compose file and the
+# Celery stack of tests/e2e/test_celery_e2e.py.
+
+
+def compose_settings(compose: dict, service: str | None = None) -> dict[str, str]:
+    """The ``AIRFLOW__*`` settings of ``x-airflow-common`` (or of ``service``), secrets aside."""
+    environment = compose["services"][service] if service else compose["x-airflow-common"]
+    return {
+        str(name): str(value)
+        for name, value in environment["environment"].items()
+        if str(name).startswith("AIRFLOW__") and name not in SECRETS
+    }
+
+
+def settings_drift(actual: Mapping[str, str], expected: Mapping[str, str]) -> dict[str, tuple]:
+    """Each setting that differs: (what is there, what sandbox/deployment.py says)."""
+    return {
+        name: (actual.get(name), expected.get(name))
+        for name in sorted(set(actual) | set(expected))
+        if actual.get(name) != expected.get(name)
+    }
+
+
+def test_compose_holds_exactly_the_deployment_settings(compose):
+    assert settings_drift(compose_settings(compose), airflow_environment(COMPOSE_PLACES)) == {}
+
+
+@pytest.mark.parametrize("service", AIRFLOW_SERVICES)
+def test_every_airflow_service_runs_the_deployment_settings(compose, service):
+    assert settings_drift(compose_settings(compose, service), airflow_environment(COMPOSE_PLACES)) == {}
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        pytest.param(
+            "AIRFLOW__CORE__EXECUTOR: CeleryExecutor", "AIRFLOW__CORE__EXECUTOR: LocalExecutor", id="changed"
+        ),
+        pytest.param("    AIRFLOW__CELERY__BROKER_URL: redis://:@redis:6379/0\n", "", id="removed"),
+        pytest.param(
+            "    AIRFLOW__CORE__LOAD_EXAMPLES:",
+            "    AIRFLOW__CORE__PARALLELISM: '64'\n    AIRFLOW__CORE__LOAD_EXAMPLES:",
+            id="added",
+        ),
+    ],
+)
+def test_the_drift_check_catches_a_compose_change(compose_text, old, new):
+    assert compose_text.count(old) == 1
+    mutated = yaml.safe_load(compose_text.replace(old, new))
+    assert settings_drift(compose_settings(mutated), airflow_environment(COMPOSE_PLACES))
+
+
+def test_the_celery_stack_runs_the_deployment_settings_in_places_of_its_own():
+    stack = CeleryAirflowStack({})
+    try:
+        expected = airflow_environment(stack.places)
+        assert (
+            settings_drift({name: stack.env[name] for name in expected if name in stack.env}, expected) == {}
+        )
+        # Its own metadata DB, a Redis database other than 0, its own key prefix and queue.
+        assert stack.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].endswith("/" + stack.db_name)
+        assert stack.env["AIRFLOW__CELERY__BROKER_URL"].endswith(f":6379/{stack.redis_db}")
+        assert stack.redis_db != 0
+        assert stack.env["AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__GLOBAL_KEYPREFIX"] == stack.key_prefix
+        assert stack.env["AIRFLOW__OPERATORS__DEFAULT_QUEUE"] == stack.queue
+        assert len(stack.worker_names) == 3 and len(set(stack.worker_names)) == 3
+    finally:
+        shutil.rmtree(stack.home)
+
+
+def test_two_celery_stacks_never_share_a_queue_or_keys():
+    stacks = [CeleryAirflowStack({}) for _ in range(2)]
+    try:
+        assert stacks[0].queue != stacks[1].queue
+        assert stacks[0].key_prefix != stacks[1].key_prefix
+        assert stacks[0].db_name != stacks[1].db_name
+    finally:
+        for stack in stacks:
+            shutil.rmtree(stack.home)
+
+
+def test_a_worker_gets_its_hostname_from_the_environment(monkeypatch):
+    monkeypatch.setenv(HOSTNAME_VARIABLE, "worker-7")
+    assert process_hostname() == "worker-7"
+    monkeypatch.delenv(HOSTNAME_VARIABLE)
+    assert process_hostname() == socket.getfqdn()
+
+
+def test_stopping_a_worker_lets_its_chunk_tasks_finish(compose):
+    worker = compose["services"]["airflow-worker"]
+    # dumb-init sends docker stop's SIGTERM to the Celery worker alone (a warm shutdown), which then
+    # has stop_grace_period, not Docker's 10 s, to finish its running chunks.
+    assert worker["environment"]["DUMB_INIT_SETSID"] == "0"
+    assert worker["stop_grace_period"] == "10m"
