@@ -41,10 +41,14 @@ MAX_ACTIVE_CHUNKS = 4
 BACKFILL_PER_DAY = 1000
 RUN_USERS = 1200
 """Users of each single-run test: 4 chunks of 300, about 24 s of sending at the budget."""
-BUSIEST_SECOND_AT_MOST = max(n * math.ceil(BUDGET / n) for n in range(1, MAX_ACTIVE_CHUNKS + 1))
-"""The most requests evenly paced chunk tasks can put in one clock second: n tasks sharing the budget
-each send ``BUDGET / n`` a second, which a clock second holds rounded down or up depending on the
-task's phase; at worst every task's rounded up. 50 or 51 for one to three tasks, 52 for four."""
+BUSIEST_SECOND_AT_MOST = math.floor(BUDGET * 1.1)
+"""The busiest clock second at the stand-in: the budget plus 10%, the bench's goal. Not the budget
+plus one: n chunk tasks paced evenly at ``BUDGET / n`` each put that many requests in a clock second
+rounded up or down depending on their phase, so four tasks at 12.5/s already make 52 when perfectly
+paced; a sender woken late keeps its schedule and requests arrive with the jitter of a loaded
+machine, which add one or two more (measured here: 51, 51, 52, 54). What protects the account is
+that no request is answered 429 (the stand-in's limit is a token bucket of the budget's size, as
+Blueshift's): asserted strictly."""
 BUDGET_SHARE_AT_LEAST = 0.9
 """Asserted share of the budget while sending; the goal is 0.95 and the figure is printed. The
 margin is what a busy 2-core machine still meets (the rule for share-of-budget goals)."""
