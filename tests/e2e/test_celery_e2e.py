@@ -10,6 +10,7 @@ workers and a scheduler running.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import math
@@ -79,27 +80,30 @@ SCHEDULER_RESTART_DAY = -60
 def deployment() -> Iterator[Deployment]:
     today = datetime.now(timezone.utc).date()
     database = f"blueshift_test_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_DSN, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{database}"')
-    standin = StandInProcess(API_KEY, "--rate-limit", str(BUDGET), "--latency-ms", "100")
-    stack = CeleryAirflowStack(
-        {
-            "AIRFLOW_CONN_WAREHOUSE_DEFAULT": pg_conn_json(database),
-            "AIRFLOW_CONN_BLUESHIFT_DEFAULT": json.dumps(
-                {"conn_type": "http", "host": standin.url, "login": API_KEY}
-            ),
-            "BLUESHIFT_RATE_LIMIT": str(BUDGET),
-            "BLUESHIFT_MAX_ACTIVE_CHUNKS": str(MAX_ACTIVE_CHUNKS),
-            "BLUESHIFT_MAX_IN_FLIGHT": str(IN_FLIGHT),
-            "BLUESHIFT_BACKOFF_BASE_SECONDS": "0.01",
-            "BLUESHIFT_BACKOFF_CAP_SECONDS": "0.05",
-            "BLUESHIFT_TASK_RETRIES": "2",
-            "BLUESHIFT_RETRY_DELAY_SECONDS": "1",
-        },
-        workers=3,
-        concurrency=2,
-    )
-    try:
+    with contextlib.ExitStack() as cleanup:  # undone in reverse order, also when a step fails
+        with psycopg.connect(PG_DSN, autocommit=True) as admin:
+            admin.execute(f'CREATE DATABASE "{database}"')
+        cleanup.callback(_drop_database, database)
+        standin = StandInProcess(API_KEY, "--rate-limit", str(BUDGET), "--latency-ms", "100")
+        cleanup.callback(standin.stop)
+        stack = CeleryAirflowStack(
+            {
+                "AIRFLOW_CONN_WAREHOUSE_DEFAULT": pg_conn_json(database),
+                "AIRFLOW_CONN_BLUESHIFT_DEFAULT": json.dumps(
+                    {"conn_type": "http", "host": standin.url, "login": API_KEY}
+                ),
+                "BLUESHIFT_RATE_LIMIT": str(BUDGET),
+                "BLUESHIFT_MAX_ACTIVE_CHUNKS": str(MAX_ACTIVE_CHUNKS),
+                "BLUESHIFT_MAX_IN_FLIGHT": str(IN_FLIGHT),
+                "BLUESHIFT_BACKOFF_BASE_SECONDS": "0.01",
+                "BLUESHIFT_BACKOFF_CAP_SECONDS": "0.05",
+                "BLUESHIFT_TASK_RETRIES": "2",
+                "BLUESHIFT_RETRY_DELAY_SECONDS": "1",
+            },
+            workers=3,
+            concurrency=2,
+        )
+        cleanup.callback(stack.stop)
         deployment = Deployment(stack, standin, pg_url(database), today)
         days = [deployment.window(offset) for offset in BACKFILL_DAYS]
         rows = [row for day in days for row in users_of_day(day, BACKFILL_PER_DAY)]
@@ -111,11 +115,11 @@ def deployment() -> Iterator[Deployment]:
         stack.api("PATCH", f"/dags/{DAG_ID}", json={"is_paused": False})
         stack.wait_for_runs(DAG_ID, run_type="scheduled", timeout=300)  # yesterday's, no users
         yield deployment
-    finally:
-        stack.stop()
-        standin.stop()
-        with psycopg.connect(PG_DSN, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+
+
+def _drop_database(database: str) -> None:
+    with psycopg.connect(PG_DSN, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
 
 
 @pytest.fixture
