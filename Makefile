@@ -42,10 +42,10 @@ export AIRFLOW__CORE__LOAD_EXAMPLES := False
 QUIET_PIP := 2>&1 | { grep -v "ignored: it is neither" || true; }
 
 .DEFAULT_GOAL := help
-.PHONY: help python install warehouses demo test unit lint typecheck bench lock clean FORCE
+.PHONY: help python install warehouses demo test unit lint typecheck bench screenshots lock clean FORCE
 
 help: ## List the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 python: ## Print the Python that make would use, its lock and its venv
 	@$(if $(PY_ERROR),echo "$(PY_ERROR)" >&2; exit 1)
@@ -127,6 +127,11 @@ unit: install warehouses ## Run the pytest suite without the end-to-end tests (t
 
 bench: install ## Run the benchmarks and print their figures
 	$(BIN)/python bench/run.py
+
+# The browser test clicks through the Airflow UI in Debian's Chromium (apt-get install -y chromium) and
+# writes the README's figures, under stable names, into docs/screenshots.
+screenshots: install ## Regenerate docs/screenshots/*.png: the UI test in a headless Chromium (needs chromium)
+	BLUESHIFT_TEST_SCREENSHOTS_DIR=$(CURDIR)/docs/screenshots $(BIN)/pytest tests/e2e/test_ui_browser.py
 
 # Each interpreter of LOCK_PYTHONS gets a throw-away venv, the pinned top-level requirements of all
 # three files without any lock, and its `pip freeze` written to constraints-3.X.txt.

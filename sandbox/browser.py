@@ -102,6 +102,9 @@ class Screenshots:
     def take(self, page: Page, name: str, *, publish_as: str | None = None, full_page: bool = False) -> Path:
         """Save ``<n>-<name>.png`` in the artifacts; also ``publish_as`` in the published folder."""
         path = self.artifacts / f"{len(self.saved) + 1:02d}-{name}.png"
+        # No tooltip in the picture: they open on hover and on focus.
+        page.mouse.move(page.viewport_size["width"] / 2 if page.viewport_size else 700, 2)
+        page.evaluate("document.activeElement instanceof HTMLElement && document.activeElement.blur()")
         page.screenshot(path=str(path), full_page=full_page, animations="disabled")
         self.saved.append(path)
         if publish_as is not None and self.published is not None:

@@ -16,7 +16,8 @@ import re
 import time
 from collections import Counter
 from collections.abc import Iterator
-from datetime import date, datetime, time as clock, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
+from datetime import time as clock
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -121,6 +122,17 @@ def _expect_params_form(dialog: Locator, params: dict[str, Any]) -> None:
         expect(field).to_have_accessible_description(description)
 
 
+def _widen_grid(page: Page) -> None:
+    """Drag the grid's edge to the right, so that the grid shows whole runs (a screenshot's sake)."""
+    edge = page.get_by_role("separator")
+    box = edge.bounding_box()
+    assert box is not None, "the grid's resizable edge is not on the page"
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + 20)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 300, box["y"] + 20, steps=10)
+    page.mouse.up()
+
+
 def _title(params: dict[str, Any], name: str) -> str:
     return str(params[name]["schema"]["title"])
 
@@ -179,7 +191,9 @@ def test_unpause_dry_run_backfill_chunks_and_refused_chunk_size_in_the_ui(
         assert len(dry_rows) == PER_DAY
         assert {row["status"] for row in dry_rows} == {"dry_run"}
         applied = _applied_ids(standin)
-        assert not any(applied[customer_id] for customer_id, _, _ in users[dry_day]), "a dry run sends nothing"
+        assert not any(applied[customer_id] for customer_id, _, _ in users[dry_day]), (
+            "a dry run sends nothing"
+        )
 
         # 3. Backfill three days: range, reprocess behaviour, max active runs, chunk_size.
         dialog = _open_trigger_dialog(page)
@@ -224,6 +238,7 @@ def test_unpause_dry_run_backfill_chunks_and_refused_chunk_size_in_the_ui(
         assert {run["conf"].get("chunk_size") for run in runs} == {CHUNK_SIZE}
 
         page.goto(f"/dags/{DAG_ID}/runs")
+        _widen_grid(page)
         for run in runs:
             row = page.get_by_role("row").filter(has=page.get_by_role("link", name=run["dag_run_id"]))
             expect(row.get_by_test_id("state-badge")).to_have_text("Success")
@@ -240,6 +255,7 @@ def test_unpause_dry_run_backfill_chunks_and_refused_chunk_size_in_the_ui(
         run_id = runs[1]["dag_run_id"]
         page.goto(f"/dags/{DAG_ID}/runs/{run_id}")
         page.locator(f'a[href$="/runs/{run_id}/tasks/start_tracking/mapped"]').first.click()
+        page.wait_for_url(re.compile(r"/tasks/start_tracking/mapped$"))
         labels = page.get_by_role("link", name=CHUNK_LABEL)
         expect(labels.first).to_be_visible()
         texts = labels.all_inner_texts()
@@ -277,11 +293,13 @@ def test_unpause_dry_run_backfill_chunks_and_refused_chunk_size_in_the_ui(
         page.keyboard.press("Delete")
         page.keyboard.insert_text('{"dry_run": true, "force": false, "chunk_size": 3}')
         dialog.get_by_role("button", name="Trigger", exact=True).click()
-        refusal = dialog.get_by_text(re.compile(r"Invalid input for param chunk_size: 3 is less than the minimum"))
+        refusal = dialog.get_by_text(
+            re.compile(r"Invalid input for param chunk_size: 3 is less than the minimum")
+        )
         expect(refusal).to_be_visible()
+        refusal.scroll_into_view_if_needed()
         shots.take(page, "chunk-size-refused")
         assert len(stack.dag_runs(DAG_ID)) == runs_before, "a refused form creates no run"
 
-    FIGURES.append(
-        f"ui: {len(shots.saved)} screenshots in {shots.artifacts}, test body {time.monotonic() - started:.0f} s"
-    )
+    elapsed = time.monotonic() - started
+    FIGURES.append(f"ui: {len(shots.saved)} screenshots in {shots.artifacts}, test body {elapsed:.0f} s")
