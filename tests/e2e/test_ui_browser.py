@@ -222,7 +222,7 @@ def test_unpause_dry_run_backfill_chunks_and_refused_chunk_size_in_the_ui(
         shots.take(page, "backfill-dialog", publish_as=README_FIGURES["backfill-dialog"])
         page.set_viewport_size({"width": 1400, "height": 900})
         dialog.get_by_role("button", name="Run Backfill").click()
-        expect(page.get_by_text("Backfill jobs have been successfully triggered.")).to_be_visible()
+        expect(page.get_by_text("Backfill jobs have been successfully triggered.").first).to_be_visible()
 
         backfills = stack.api("GET", "/backfills", params={"dag_id": DAG_ID})["backfills"]
         assert len(backfills) == 1
