@@ -15,7 +15,7 @@ import os
 import re
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import date, datetime, timedelta, timezone
 from datetime import time as clock
 from pathlib import Path
@@ -109,6 +109,14 @@ def _run_state(page: Page, run_id: str) -> Locator:
     return header.get_by_test_id("state-badge")
 
 
+def _wait_until(condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    """Poll the REST API until ``condition`` holds: the UI shows a change before the API has it."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout:.0f} s: {what}"
+        time.sleep(1)
+
+
 def _expect_params_form(dialog: Locator, params: dict[str, Any]) -> None:
     """Each param is a field named by its title, described by its description (what a person reads)."""
     roles = {"boolean": "checkbox", "integer": "spinbutton"}
@@ -163,7 +171,7 @@ def test_unpause_dry_run_backfill_chunks_and_refused_chunk_size_in_the_ui(
         shots.take(page, "dag-paused")
         toggle.click()
         expect(toggle).to_have_attribute("data-state", "checked")
-        assert stack.api("GET", f"/dags/{DAG_ID}")["is_paused"] is False
+        _wait_until(lambda: stack.api("GET", f"/dags/{DAG_ID}")["is_paused"] is False, "the DAG unpaused")
 
         # 2. Trigger: the three params with their titles and descriptions; a dry run of day -6.
         dialog = _open_trigger_dialog(page)
