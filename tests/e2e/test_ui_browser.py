@@ -26,7 +26,7 @@ import pytest
 from playwright.sync_api import Locator, Page, expect
 
 from sandbox.airflow_stack import ADMIN_PASSWORD, AirflowStack
-from sandbox.browser import Screenshots, chromium_page, log_in, pick_datetime
+from sandbox.browser import Screenshots, check_chromium, chromium_page, log_in, pick_datetime
 from sandbox.demo_warehouse import seed_source
 from tests.conftest import API_KEY, FIGURES
 from tests.dags.conftest import audit_rows, users_of_day
@@ -55,6 +55,12 @@ def show_run_outcome(page: Page, run_id: str) -> Locator:
     """
     page.goto(f"/dags/{DAG_ID}/runs/{run_id}/tasks/audit/xcom")
     return page.get_by_role("row").filter(has=page.get_by_role("cell", name="succeeded", exact=True))
+
+
+@pytest.fixture
+def chromium() -> Path:
+    """The browser, checked before the Airflow stack starts: missing, the test fails naming the fix."""
+    return check_chromium()
 
 
 @pytest.fixture
@@ -146,7 +152,7 @@ def _title(params: dict[str, Any], name: str) -> str:
 
 
 def test_unpause_dry_run_backfill_chunks_and_refused_chunk_size_in_the_ui(
-    stack: AirflowStack, postgres_warehouse: Any, standin: Any, tmp_path: Path
+    chromium: Path, stack: AirflowStack, postgres_warehouse: Any, standin: Any, tmp_path: Path
 ) -> None:
     started = time.monotonic()
     # Every date is relative to the day the test runs. Backfill: logical dates -10 .. -8 (windows of
