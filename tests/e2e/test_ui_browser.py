@@ -138,7 +138,8 @@ def _expect_params_form(dialog: Locator, params: dict[str, Any]) -> None:
 
 def _widen_grid(page: Page) -> None:
     """Drag the grid's edge to the right, so that the grid shows whole runs (a screenshot's sake)."""
-    edge = page.get_by_role("separator")
+    edge = page.get_by_role("separator").filter(has=page.get_by_role("button", name="Collapse Details Panel"))
+    expect(edge).to_be_visible()
     box = edge.bounding_box()
     assert box is not None, "the grid's resizable edge is not on the page"
     page.mouse.move(box["x"] + box["width"] / 2, box["y"] + 20)
