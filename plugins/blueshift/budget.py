@@ -7,7 +7,10 @@ share to the others) and never exceed it, across mapped tasks, concurrent runs a
 task joins at zero and starts sending only once every other live holder has renewed its lease
 after the join (a renewal re-counts the holders in the same transaction, so it has seen the
 newcomer and slowed down): no fixed wait that a busy machine could outrun, and no longer than
-needed. A lease whose holder died goes stale after ``stale_after`` seconds.
+needed. A lease whose holder died goes stale after ``stale_after`` seconds. Each task also takes
+its rank among the live holders as the phase of its pace (``AdaptiveRateLimiter.set_phase``): at
+equal shares their requests interleave on one grid of the wall clock, ``1 / budget`` apart, so no
+clock second holds more than the budget.
 
 Airflow offers no cross-process rate limiter: pools cap how many tasks run, not how fast they
 send, so the share is computed here. The pool still caps concurrency.
@@ -76,6 +79,7 @@ class SharedBudget:
         self._clock = clock
         self._sleep = sleep
         self.holders = 1
+        self.rank = 0
         self._last_refresh = 0.0
 
     @property
@@ -99,8 +103,9 @@ class SharedBudget:
         if not force and now - self._last_refresh < self.refresh_every:
             return
         self._last_refresh = now
-        self.holders = self._heartbeat()
+        self.holders, self.rank = self._heartbeat()
         limiter.set_max_rate(self.share)
+        limiter.set_phase(self.rank / self.holders)
 
     def leave(self) -> None:
         """Give the share back, and clear the leases of tasks that died long ago (they hold nothing)."""
@@ -125,14 +130,15 @@ class SharedBudget:
                 ).scalar_one()
             )
 
-    def _heartbeat(self) -> int:
-        """Renew this task's lease and return the number of live holders, in one transaction."""
+    def _heartbeat(self) -> tuple[int, int]:
+        """Renew this task's lease; return the number of live holders and this one's rank among them."""
         renew = self.store.renew_lease_sql()
-        count = text(
-            f"SELECT COUNT(*) FROM {self.store.lease_table} WHERE heartbeat_at >= :since"
+        live = text(
+            f"SELECT holder FROM {self.store.lease_table} WHERE heartbeat_at >= :since ORDER BY holder"
         ).bindparams(bindparam("since", type_=DateTime()))
         now = self._clock()
         with self.store.engine.begin() as conn:
             conn.execute(renew, {"holder": self.holder, "now": now})
-            holders = conn.execute(count, {"since": now - timedelta(seconds=self.stale_after)}).scalar_one()
-        return max(1, int(holders))
+            holders = list(conn.execute(live, {"since": now - timedelta(seconds=self.stale_after)}).scalars())
+        rank = holders.index(self.holder) if self.holder in holders else 0
+        return max(1, len(holders)), rank

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 import time
@@ -61,6 +62,11 @@ class AdaptiveRateLimiter:
     The rate adapts like TCP's congestion window: a 429 halves it (down to ``min_rate``), each
     success adds back ``max_rate / 50`` (so full speed returns within about 50 good answers).
 
+    Send times sit on a grid of the wall clock, ``phase`` of an interval after each multiple of
+    the interval: chunk tasks that share a budget at equal rates, each with its own phase (its rank
+    among them, see ``blueshift.budget``), interleave their requests evenly instead of bunching, so
+    a clock second holds no more requests than the budget, on any host whose clock is in sync.
+
     A plain token bucket would allow bursts above the budget after idle time; this does not.
     """
 
@@ -69,7 +75,7 @@ class AdaptiveRateLimiter:
         max_rate: float,
         *,
         min_rate: float | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         if max_rate <= 0:
@@ -83,6 +89,14 @@ class AdaptiveRateLimiter:
         self._lock = threading.Lock()
         self._turn = threading.Lock()
         self._paused_until = 0.0
+        self.phase = 0.0
+
+    def _slot_at_or_after(self, moment: float, interval: float) -> float:
+        """Return the first send time of this limiter's grid at or after ``moment``."""
+        offset = self.phase * interval
+        # A thousandth of an interval of slack: at wall-clock magnitudes (1.8e9 s) the division's
+        # rounding is about 1e-4 of an interval, and must not push a send time one slot later.
+        return offset + math.ceil((moment - offset) / interval - 1e-3) * interval
 
     def acquire(self) -> None:
         """Block until this caller may send one request."""
@@ -91,9 +105,12 @@ class AdaptiveRateLimiter:
                 with self._lock:
                     now = self._clock()
                     interval = 1.0 / self.rate
-                    due = self._paused_until
-                    if self._last_sent is not None:
-                        due = max(due, self._last_sent + interval)
+                    if self._last_sent is None or now < self._last_sent - interval:
+                        # The first request (or the wall clock was set back): the grid's next slot.
+                        self._last_sent = self._slot_at_or_after(now, interval) - interval
+                    due = self._slot_at_or_after(
+                        max(self._last_sent + interval, self._paused_until), interval
+                    )
                     if now >= due:
                         late = now - due
                         tolerance = max(0.5 * interval, MIN_LATENESS_TOLERANCE_SECONDS)
@@ -109,6 +126,11 @@ class AdaptiveRateLimiter:
                 return
             self.rate = max(self.min_rate, min(max_rate, self.rate * max_rate / self.max_rate))
             self.max_rate = max_rate
+
+    def set_phase(self, phase: float) -> None:
+        """Place the send times ``phase`` (0 to 1) of an interval after the grid's multiples."""
+        with self._lock:
+            self.phase = phase % 1.0
 
     def on_success(self) -> None:
         """Recover additively after a good answer."""

@@ -23,8 +23,9 @@ import pytest
 from sandbox.airflow_stack import ROOT, AirflowStack
 from sandbox.blueshift_standin import free_port
 from sandbox.demo_warehouse import seed_source
-from tests.conftest import API_KEY, FIGURES
+from tests.conftest import FIGURES
 from tests.dags.conftest import audit_rows, users_of_day
+from tests.e2e.conftest import pipeline_env
 
 DAG_ID = "blueshift_start_tracking"
 DOWNSTREAM_ID = "blueshift_audit_downstream"
@@ -145,16 +146,13 @@ def stack(postgres_warehouse, standin, otlp, tmp_path) -> Iterator[AirflowStack]
     (dags / f"{DOWNSTREAM_ID}.py").write_text(DOWNSTREAM_DAG)
     env = {
         "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
-        "AIRFLOW_CONN_WAREHOUSE_DEFAULT": postgres_warehouse.conn_json,
-        "AIRFLOW_CONN_BLUESHIFT_DEFAULT": json.dumps(
-            {"conn_type": "http", "host": standin.url, "login": API_KEY}
-        ),
+        **pipeline_env(postgres_warehouse.conn_json, standin.url),
         "BLUESHIFT_RATE_LIMIT": "200",
         "BLUESHIFT_BACKOFF_BASE_SECONDS": "0.01",
         "BLUESHIFT_BACKOFF_CAP_SECONDS": "0.05",
         "BLUESHIFT_PROGRESS_INTERVAL": "0.5",
-        # Airflow's own metrics channel, OpenTelemetry here (StatsD needs Airflow's `statsd` extra,
-        # not installed): the standard OTEL_* variables, which Airflow 3.3 prefers to [metrics] otel_*.
+        # Airflow's own metrics channel, OpenTelemetry here (test_metrics_statsd.py covers StatsD):
+        # the standard OTEL_* variables, which Airflow 3.3 prefers to [metrics] otel_*.
         "AIRFLOW__METRICS__OTEL_ON": "True",
         "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": f"http://127.0.0.1:{otlp.port}/v1/metrics",
         "OTEL_METRIC_EXPORT_INTERVAL": "1000",

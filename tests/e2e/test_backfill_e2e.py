@@ -7,16 +7,11 @@ failed users carried over by the next day's scheduled run.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
-from collections.abc import Iterator
 from datetime import date, datetime, timedelta, timezone
 
-import pytest
-
-from sandbox.airflow_stack import AirflowStack
 from sandbox.demo_warehouse import seed_source
-from tests.conftest import API_KEY, FIGURES
+from tests.conftest import FIGURES
 from tests.dags.conftest import audit_rows, users_of_day
 
 DAG_ID = "blueshift_start_tracking"
@@ -25,29 +20,6 @@ PER_DAY = 30
 
 def _day(today: date, offset: int) -> str:
     return (today + timedelta(days=offset)).isoformat()
-
-
-@pytest.fixture
-def stack(postgres_warehouse, standin) -> Iterator[AirflowStack]:
-    env = {
-        "AIRFLOW_CONN_WAREHOUSE_DEFAULT": postgres_warehouse.conn_json,
-        "AIRFLOW_CONN_BLUESHIFT_DEFAULT": json.dumps(
-            {"conn_type": "http", "host": standin.url, "login": API_KEY}
-        ),
-        "BLUESHIFT_RATE_LIMIT": "400",
-        "BLUESHIFT_MAX_ACTIVE_CHUNKS": "4",
-        "BLUESHIFT_BACKOFF_BASE_SECONDS": "0.01",
-        "BLUESHIFT_BACKOFF_CAP_SECONDS": "0.05",
-        "BLUESHIFT_MAX_ATTEMPTS": "3",
-        "BLUESHIFT_TASK_RETRIES": "0",
-        "BLUESHIFT_READ_TIMEOUT": "2",
-    }
-    airflow = AirflowStack(env)  # a fresh Airflow: no pool is created, only the two connections
-    try:
-        airflow.start()
-        yield airflow
-    finally:
-        airflow.stop()
 
 
 def _applied_ids(standin) -> Counter[str]:

@@ -18,23 +18,22 @@ import pytest
 
 from sandbox.airflow_stack import AirflowStack
 from sandbox.demo_warehouse import seed_source
-from tests.conftest import API_KEY, FIGURES
+from tests.conftest import FIGURES
 from tests.dags.conftest import audit_rows, users_of_day
+from tests.e2e.conftest import pipeline_env
 
 DAG_ID = "blueshift_start_tracking"
 
 
 def _stack(warehouse, standin, **settings: str) -> AirflowStack:
-    env = {
-        "AIRFLOW_CONN_WAREHOUSE_DEFAULT": warehouse.conn_json,
-        "AIRFLOW_CONN_BLUESHIFT_DEFAULT": json.dumps(
-            {"conn_type": "http", "host": standin.url, "login": API_KEY}
-        ),
-        "BLUESHIFT_BACKOFF_BASE_SECONDS": "0.01",
-        "BLUESHIFT_BACKOFF_CAP_SECONDS": "0.05",
-        "BLUESHIFT_RETRY_DELAY_SECONDS": "1",
+    env = pipeline_env(
+        warehouse.conn_json,
+        standin.url,
+        BLUESHIFT_BACKOFF_BASE_SECONDS="0.01",
+        BLUESHIFT_BACKOFF_CAP_SECONDS="0.05",
+        BLUESHIFT_RETRY_DELAY_SECONDS="1",
         **settings,
-    }
+    )
     return AirflowStack(env, pool_slots=int(settings.get("BLUESHIFT_POOL_SLOTS", "4")))
 
 

@@ -10,12 +10,11 @@ warehouse. Each step is saved as a screenshot in the test's ``tmp_path``; with
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import date, datetime, timedelta, timezone
 from datetime import time as clock
 from pathlib import Path
@@ -28,7 +27,7 @@ from playwright.sync_api import Locator, Page, expect
 from sandbox.airflow_stack import ADMIN_PASSWORD, AirflowStack
 from sandbox.browser import Screenshots, check_chromium, chromium_page, log_in, pick_datetime
 from sandbox.demo_warehouse import seed_source
-from tests.conftest import API_KEY, FIGURES
+from tests.conftest import FIGURES
 from tests.dags.conftest import audit_rows, users_of_day
 
 DAG_ID = "blueshift_start_tracking"
@@ -61,29 +60,6 @@ def show_run_outcome(page: Page, run_id: str) -> Locator:
 def chromium() -> Path:
     """The browser, checked before the Airflow stack starts: missing, the test fails naming the fix."""
     return check_chromium()
-
-
-@pytest.fixture
-def stack(postgres_warehouse, standin) -> Iterator[AirflowStack]:
-    env = {
-        "AIRFLOW_CONN_WAREHOUSE_DEFAULT": postgres_warehouse.conn_json,
-        "AIRFLOW_CONN_BLUESHIFT_DEFAULT": json.dumps(
-            {"conn_type": "http", "host": standin.url, "login": API_KEY}
-        ),
-        "BLUESHIFT_RATE_LIMIT": "400",
-        "BLUESHIFT_MAX_ACTIVE_CHUNKS": "4",
-        "BLUESHIFT_BACKOFF_BASE_SECONDS": "0.01",
-        "BLUESHIFT_BACKOFF_CAP_SECONDS": "0.05",
-        "BLUESHIFT_MAX_ATTEMPTS": "3",
-        "BLUESHIFT_TASK_RETRIES": "0",
-        "BLUESHIFT_READ_TIMEOUT": "2",
-    }
-    airflow = AirflowStack(env)
-    try:
-        airflow.start()
-        yield airflow
-    finally:
-        airflow.stop()
 
 
 def _midnight(day: date) -> datetime:

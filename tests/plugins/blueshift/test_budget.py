@@ -54,6 +54,8 @@ def test_tasks_of_concurrent_runs_share_one_budget(store):
     for holder, limiter in zip(holders, limiters, strict=True):
         holder.refresh(limiter, force=True)
     assert sum(limiter.max_rate for limiter in limiters) == pytest.approx(50.0)
+    # Each holder paces at its rank's phase: six shares interleave on one grid, 1/50 s apart.
+    assert sorted(limiter.phase for limiter in limiters) == pytest.approx([n / 6 for n in range(6)])
 
 
 def test_a_dead_holder_stops_counting(store):
@@ -162,4 +164,4 @@ def test_two_chunk_tasks_together_stay_within_the_budget(store, standin, monkeyp
         f"{throttled} of {snapshot['requests']} throttled"
     )
     assert throttled <= 0.02 * snapshot["requests"]
-    assert snapshot["busiest_second"] <= 30 * 1.1 + 1
+    assert snapshot["busiest_second"] <= 30 + 1, "the two shares interleave: no second above the budget"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 import time
+from collections import Counter
 from datetime import datetime, timezone
 
 import pytest
@@ -65,6 +67,31 @@ def test_a_thread_woken_late_takes_a_new_slot_instead_of_bursting():
     # The second request's slot (0.1) passed while the process was starved until 1.0: it goes at
     # 1.0 and the next ones keep their spacing, instead of two requests at 1.0.
     assert sent == [0.0, 1.0, 1.1, 1.2]
+
+
+def _send_times(rate: float, phase: float, seconds: float) -> list[float]:
+    clock = FakeClock()
+    limiter = AdaptiveRateLimiter(rate, clock=clock, sleep=clock.sleep)
+    limiter.set_phase(phase)
+    times = []
+    while clock.now < seconds:
+        limiter.acquire()
+        times.append(clock.now)
+    return [t for t in times if t < seconds]
+
+
+@pytest.mark.parametrize("tasks", [2, 3, 4, 6])
+def test_phased_shares_hold_every_clock_second_to_the_budget(tasks):
+    """Shares of a budget of 50 that do not divide a second (12.5/s: 12 or 13 a second each) still
+    add up to at most 50 in every clock second when each task takes its rank's phase."""
+    budget = 50.0
+    times = [t for rank in range(tasks) for t in _send_times(budget / tasks, rank / tasks, seconds=4.0)]
+    per_second = Counter(math.floor(t + 1e-9) for t in times)
+    assert max(per_second.values()) <= budget, per_second
+    assert sum(per_second.values()) >= 4 * budget - tasks
+    # Without the phases the same shares bunch: four tasks at 12.5/s put 52 into the first second.
+    unphased = Counter(math.floor(t + 1e-9) for _ in range(4) for t in _send_times(12.5, 0.0, 4.0))
+    assert max(unphased.values()) == 52
 
 
 def test_real_threads_never_exceed_the_rate():
