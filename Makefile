@@ -42,7 +42,7 @@ export AIRFLOW__CORE__LOAD_EXAMPLES := False
 QUIET_PIP := 2>&1 | { grep -v "ignored: it is neither" || true; }
 
 .DEFAULT_GOAL := help
-.PHONY: help python install warehouses demo test unit lint typecheck bench screenshots lock clean FORCE
+.PHONY: help python install warehouses demo test unit lint typecheck bench screenshots lock clean year-ahead FORCE
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -124,6 +124,9 @@ test: install warehouses lint typecheck ## Lint, type-check and run the whole py
 
 unit: install warehouses ## Run the pytest suite without the end-to-end tests (tests/e2e)
 	$(BIN)/pytest --ignore=tests/e2e
+
+year-ahead: ## Run the whole suite with the clock moved a year ahead (libfaketime; OFFSET=+400d ARGS="tests/e2e -q")
+	sandbox/year_ahead.sh $(or $(OFFSET),+365d) $(or $(ARGS),-q)
 
 bench: install ## Run the benchmarks and print their figures
 	$(BIN)/python bench/run.py

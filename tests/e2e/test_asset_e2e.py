@@ -251,13 +251,14 @@ def test_run_triggers_downstream_with_counts_and_reports_metrics_and_lineage(
         if event.get("eventType") == "COMPLETE" and event["job"]["name"].endswith(".start_tracking")
     ]
     assert lineage, "no OpenLineage COMPLETE event of start_tracking"
-    database = json.loads(postgres_warehouse.conn_json)["schema"]
+    warehouse = json.loads(postgres_warehouse.conn_json)  # the server BLUESHIFT_TEST_PG names
+    namespace, database = f"postgres://{warehouse['host']}:{warehouse['port']}", warehouse["schema"]
     for event in lineage:
         assert [(d["namespace"], d["name"]) for d in event["inputs"]] == [
-            ("postgres://127.0.0.1:5432", f"{database}.public.reconsented_users")
+            (namespace, f"{database}.public.reconsented_users")
         ]
         assert [(d["namespace"], d["name"]) for d in event["outputs"]] == [
-            ("postgres://127.0.0.1:5432", f"{database}.public.blueshift_start_tracking_audit")
+            (namespace, f"{database}.public.blueshift_start_tracking_audit")
         ]
     FIGURES.append(
         f"asset e2e: {USERS} users, {snapshot['requests']} requests ({expected_metrics['throttled']} 429s) "
