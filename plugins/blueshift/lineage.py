@@ -41,16 +41,15 @@ def audit_asset(settings: Settings) -> Asset:
 
 
 def source_tables(sql: str) -> list[str]:
-    """Return the tables the extract query reads (``schema.table`` where it says so), sorted."""
-    import sqlglot
-    from sqlglot import exp
+    """Return the tables the extract query reads (``schema.table`` where it says so), sorted.
 
-    tree = sqlglot.parse_one(sql)
-    ctes = {cte.alias_or_name for cte in tree.find_all(exp.CTE)}
+    Parsed by ``openlineage-sql``, which the OpenLineage provider installs: lineage needs nothing
+    that only the tests have.
+    """
+    from openlineage_sql import parse
+
     tables = {
-        ".".join(part for part in (table.db, table.name) if part)
-        for table in tree.find_all(exp.Table)
-        if table.name and table.name not in ctes
+        ".".join(part for part in (table.schema, table.name) if part) for table in parse([sql]).in_tables
     }
     return sorted(tables)
 
