@@ -52,8 +52,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "plugins"))
 
-from sandbox.airflow_stack import PG_ADMIN_DSN, AirflowStack  # noqa: E402
+from sandbox.airflow_stack import AirflowStack  # noqa: E402
 from sandbox.blueshift_standin import StandInProcess  # noqa: E402
+from sandbox.databases import mariadb_database, postgres_database  # noqa: E402
 from sandbox.demo_warehouse import SOURCE_DDL, seed_source  # noqa: E402
 
 DAG_ID = "blueshift_start_tracking"
@@ -72,7 +73,6 @@ WAREHOUSE = "postgres"
 database is warehouse and state store. ``mariadb``: the warehouse is a MariaDB database (the
 ``BLUESHIFT_TEST_MARIADB`` server) and the working state lives apart, in a PostgreSQL database named by
 the connection ``blueshift_state``, the layout a cloud warehouse needs."""
-MARIADB_ADMIN_URL = os.environ.get("BLUESHIFT_TEST_MARIADB", "mysql+pymysql://root@127.0.0.1:3306/test")
 
 
 @dataclass
@@ -84,61 +84,20 @@ class BenchWarehouse:
 
 
 @contextlib.contextmanager
-def _postgres_database(prefix: str) -> Iterator[tuple[str, str]]:
-    """Create a PostgreSQL database; yield its Airflow connection JSON and its DSN; drop it after."""
-    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    conn_json = json.dumps(
-        {"conn_type": "postgres", "host": "127.0.0.1", "port": 5432, "login": "postgres", "schema": name}
-    )
-    try:
-        yield conn_json, PG_ADMIN_DSN.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-@contextlib.contextmanager
-def _mariadb_database() -> Iterator[BenchWarehouse]:
-    name = f"blueshift_bench_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(MARIADB_ADMIN_URL)
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"CREATE DATABASE {name} CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
-    url = sa.engine.make_url(MARIADB_ADMIN_URL).set(database=name)
-    conn_json = json.dumps(
-        {
-            "conn_type": "mysql",
-            "host": url.host or "127.0.0.1",
-            "port": url.port or 3306,
-            "login": url.username or "root",
-            "password": url.password or "",
-            "schema": name,
-            "extra": {"charset": "utf8mb4"},
-        }
-    )
-    try:
-        with _postgres_database("blueshift_bench_state") as (state_json, _):
-            connections = {
-                "AIRFLOW_CONN_WAREHOUSE_DEFAULT": conn_json,
-                "AIRFLOW_CONN_BLUESHIFT_STATE": state_json,
-            }
-            yield BenchWarehouse(connections, url.render_as_string(hide_password=False))
-    finally:
-        with admin.begin() as conn:
-            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}")
-        admin.dispose()
-
-
-@contextlib.contextmanager
 def warehouse_db() -> Iterator[BenchWarehouse]:
     """The warehouse of ``WAREHOUSE``, created for one case and dropped after it."""
-    if WAREHOUSE == "mariadb":
-        with _mariadb_database() as warehouse:
-            yield warehouse
-        return
-    with _postgres_database("blueshift_bench") as (conn_json, dsn):
-        yield BenchWarehouse({"AIRFLOW_CONN_WAREHOUSE_DEFAULT": conn_json}, dsn)
+    with contextlib.ExitStack() as databases:
+        if WAREHOUSE == "mariadb":
+            warehouse = databases.enter_context(mariadb_database("blueshift_bench"))
+            state = databases.enter_context(postgres_database("blueshift_bench_state"))
+            connections = {
+                "AIRFLOW_CONN_WAREHOUSE_DEFAULT": warehouse.conn_json,
+                "AIRFLOW_CONN_BLUESHIFT_STATE": state.conn_json,
+            }
+        else:
+            warehouse = databases.enter_context(postgres_database("blueshift_bench"))
+            connections = {"AIRFLOW_CONN_WAREHOUSE_DEFAULT": warehouse.conn_json}
+        yield BenchWarehouse(connections, warehouse.url)
 
 
 def _seed_rows(day: str, count: int) -> Iterator[tuple[str, str, str]]:
@@ -156,7 +115,8 @@ def seed(warehouse: BenchWarehouse, days: dict[str, int]) -> None:
             while batch := list(itertools.islice(rows, 50_000)):
                 seed_source(warehouse.url, batch)
         return
-    with psycopg.connect(warehouse.url, autocommit=True) as conn:
+    dsn = sa.engine.make_url(warehouse.url).set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(SOURCE_DDL)
         for day, count in days.items():
             buffer = io.StringIO()
@@ -251,7 +211,7 @@ def case_budget(runs: int, users: int = 20_000) -> dict[str, Any]:
 def window_users(url: str, window_day: str) -> list[dict[str, str]]:
     """The window's users as the pipeline sends them (the seeded rows are already normalized)."""
     start = datetime.fromisoformat(window_day)
-    engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
+    engine = sa.create_engine(url)
     with engine.connect() as conn:
         rows = conn.execute(
             sa.text(

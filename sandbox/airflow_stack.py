@@ -23,9 +23,9 @@ from typing import Any
 import requests
 
 from sandbox.blueshift_standin import free_port
+from sandbox.databases import PG_ADMIN_DSN
 
 ROOT = Path(__file__).resolve().parents[1]
-PG_ADMIN_DSN = os.environ.get("BLUESHIFT_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 ADMIN_PASSWORD = "admin-e2e-password"
 
 

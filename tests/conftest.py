@@ -10,16 +10,18 @@ import os
 import subprocess
 import sys
 import tempfile
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-# The PostgreSQL server the tests create their databases on (an admin DSN, BLUESHIFT_TEST_PG): read
+# The servers the tests create their databases on (BLUESHIFT_TEST_PG, BLUESHIFT_TEST_MARIADB): read
 # at this import, before the ``BLUESHIFT_*`` variables of the developer's shell are cleared below.
-from sandbox.airflow_stack import PG_ADMIN_DSN as PG_DSN
+from sandbox.databases import (
+    mariadb_database,
+    postgres_database,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="blueshift-tests-airflow-"))
@@ -93,79 +95,18 @@ def sqlite_warehouse(tmp_path: Path) -> WarehouseDb:
     return _sqlite_warehouse(tmp_path)
 
 
-def pg_url(database: str) -> str:
-    """Return the SQLAlchemy URL of ``database`` on the test PostgreSQL server."""
-    from sqlalchemy.engine import make_url
-
-    url = make_url(PG_DSN).set(drivername="postgresql+psycopg", database=database)
-    return url.render_as_string(hide_password=False)
-
-
-def pg_conn_json(database: str) -> str:
-    """Return the Airflow connection JSON of ``database`` on the test PostgreSQL server."""
-    import json
-
-    from sqlalchemy.engine import make_url
-
-    url = make_url(PG_DSN)
-    conn = {
-        "conn_type": "postgres",
-        "host": url.host or "127.0.0.1",
-        "port": url.port or 5432,
-        "login": url.username or "postgres",
-        "schema": database,
-    }
-    if url.password:
-        conn["password"] = url.password
-    return json.dumps(conn)
-
-
 @pytest.fixture
 def postgres_warehouse() -> Iterator[WarehouseDb]:
     """A PostgreSQL database created for the test and dropped after it."""
-    import psycopg
-
-    name = f"blueshift_test_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_DSN, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    yield WarehouseDb("postgres", pg_conn_json(name), pg_url(name))
-    with psycopg.connect(PG_DSN, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-MARIADB_DSN = os.environ.get("BLUESHIFT_TEST_MARIADB", "mysql+pymysql://root@127.0.0.1:3306/test")
-"""The MariaDB (or MySQL) server the tests create their databases on."""
+    with postgres_database("blueshift_test") as database:
+        yield WarehouseDb("postgres", database.conn_json, database.url)
 
 
 @pytest.fixture
 def mariadb_warehouse() -> Iterator[WarehouseDb]:
     """A MariaDB database created for the test and dropped after it (the mysql provider's hook)."""
-    import json
-
-    import sqlalchemy as sa
-    from sqlalchemy.engine import make_url
-
-    name = f"blueshift_test_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(MARIADB_DSN)
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"CREATE DATABASE {name} CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
-    url = make_url(MARIADB_DSN)
-    conn = {
-        "conn_type": "mysql",
-        "host": url.host or "127.0.0.1",
-        "port": url.port or 3306,
-        "login": url.username or "root",
-        "schema": name,
-        "extra": {"charset": "utf8mb4"},
-    }
-    if url.password:
-        conn["password"] = url.password
-    yield WarehouseDb(
-        "mariadb", json.dumps(conn), url.set(database=name).render_as_string(hide_password=False)
-    )
-    with admin.begin() as conn_:
-        conn_.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}")
-    admin.dispose()
+    with mariadb_database("blueshift_test") as database:
+        yield WarehouseDb("mariadb", database.conn_json, database.url)
 
 
 @pytest.fixture
@@ -178,14 +119,8 @@ def duckdb_warehouse(tmp_path: Path) -> WarehouseDb:
 @pytest.fixture
 def postgres_state_store() -> Iterator[str]:
     """A PostgreSQL database for the state store; yields its Airflow connection JSON."""
-    import psycopg
-
-    name = f"blueshift_state_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_DSN, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    yield pg_conn_json(name)
-    with psycopg.connect(PG_DSN, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with postgres_database("blueshift_state") as database:
+        yield database.conn_json
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -15,20 +15,19 @@ import inspect
 import math
 import signal
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
-import psycopg
 import pytest
 
 from sandbox.blueshift_standin import StandInProcess
 from sandbox.celery_stack import CeleryAirflowStack
+from sandbox.databases import postgres_database
 from sandbox.demo_warehouse import seed_source
-from tests.conftest import API_KEY, FIGURES, PG_DSN, pg_conn_json, pg_url
+from tests.conftest import API_KEY, FIGURES
 from tests.dags.conftest import audit_rows, users_of_day
 from tests.e2e.conftest import pipeline_env
 
@@ -76,16 +75,13 @@ SCHEDULER_RESTART_DAY = -60
 @pytest.fixture(scope="module")
 def deployment() -> Iterator[Deployment]:
     today = datetime.now(timezone.utc).date()
-    database = f"blueshift_test_{uuid.uuid4().hex[:10]}"
     with contextlib.ExitStack() as cleanup:  # undone in reverse order, also when a step fails
-        with psycopg.connect(PG_DSN, autocommit=True) as admin:
-            admin.execute(f'CREATE DATABASE "{database}"')
-        cleanup.callback(_drop_database, database)
+        warehouse = cleanup.enter_context(postgres_database("blueshift_test"))
         standin = StandInProcess(API_KEY, "--rate-limit", str(BUDGET), "--latency-ms", "100")
         cleanup.callback(standin.stop)
         stack = CeleryAirflowStack(
             pipeline_env(
-                pg_conn_json(database),
+                warehouse.conn_json,
                 standin.url,
                 BLUESHIFT_RATE_LIMIT=str(BUDGET),
                 BLUESHIFT_MAX_ACTIVE_CHUNKS=str(MAX_ACTIVE_CHUNKS),
@@ -99,7 +95,7 @@ def deployment() -> Iterator[Deployment]:
             concurrency=2,
         )
         cleanup.callback(stack.stop)
-        deployment = Deployment(stack, standin, pg_url(database), today)
+        deployment = Deployment(stack, standin, warehouse.url, today)
         days = [deployment.window(offset) for offset in BACKFILL_DAYS]
         rows = [row for day in days for row in users_of_day(day, BACKFILL_PER_DAY)]
         for offset in (KILL_DAY, WARM_SHUTDOWN_DAY, SCHEDULER_RESTART_DAY):
@@ -110,11 +106,6 @@ def deployment() -> Iterator[Deployment]:
         stack.api("PATCH", f"/dags/{DAG_ID}", json={"is_paused": False})
         stack.wait_for_runs(DAG_ID, run_type="scheduled", timeout=300)  # yesterday's, no users
         yield deployment
-
-
-def _drop_database(database: str) -> None:
-    with psycopg.connect(PG_DSN, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
 
 
 @pytest.fixture
